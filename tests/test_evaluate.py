@@ -1,0 +1,431 @@
+"""Tests for evaluate.py's metrics: chunked retrieval against a brute-force argsort (as open_clip
+does), the text tasks on hand-computed cases, chance and oracle levels, AUROC against a pair
+count."""
+import json
+import random
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate as ev
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent references and fake encoders
+# ---------------------------------------------------------------------------------------------
+
+def brute_force_ranks(q, g, query_keys=None, gallery_keys=None):
+    """Full Q x G matrix in float64, gallery merged by key (best member), ranked by argsort with
+    ties broken against the query (its correct entry sorts after equal-scoring wrong ones)."""
+    q = torch.nn.functional.normalize(torch.as_tensor(q).double(), dim=-1).numpy()
+    g = torch.nn.functional.normalize(torch.as_tensor(g).double(), dim=-1).numpy()
+    if query_keys is None:
+        query_keys = gallery_keys = list(range(len(g)))
+    scores = q @ g.T
+    keys = sorted(set(gallery_keys))
+    gk = np.array(gallery_keys)
+    merged = np.stack([scores[:, gk == k].max(1) for k in keys], axis=1)  # (Q, K)
+    ranks = []
+    for i, key in enumerate(query_keys):
+        correct = np.array([k == key for k in keys])
+        order = np.lexsort((correct, -merged[i]))  # primary: score descending; ties: wrong first
+        ranks.append(int(np.flatnonzero(correct[order])[0]) + 1)
+    return np.array(ranks)
+
+
+def sign_vectors(n, d, seed):
+    """Entries +-1/sqrt(d) with d a power of 4: unit norm and dot products exact in fp32 and bf16,
+    and only d + 1 distinct scores, so ties and duplicated vectors are everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (n, d), generator=g) * 2 - 1).float() / d ** 0.5
+
+
+def bag_of_words(all_texts):
+    """A deterministic fake encoder whose cosine similarities are easy to compute by hand; the
+    vocabulary is fixed up front so that separate embed calls live in the same space."""
+    vocab = sorted({w for t in all_texts for w in t.split()})
+    return lambda texts: torch.tensor([[t.split().count(w) for w in vocab] for t in texts],
+                                      dtype=torch.float)
+
+
+def lookup_embed(groups, d=32, seed=0):
+    """Texts in the same group share one random vector; groups are independent (random encoder
+    when every text is its own group, oracle when each query is grouped with its answer)."""
+    table = torch.randn(len(groups), d, generator=torch.Generator().manual_seed(seed))
+    where = {t: i for i, group in enumerate(groups) for t in group}
+    return lambda texts: table[[where[t] for t in texts]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+def test_ranks_match_brute_force_random(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(150, 16, generator=g), torch.randn(150, 16, generator=g)
+    for q, gal in [(a, b), (b, a)]:  # both directions
+        ranks = ev.retrieval_ranks(q, gal, chunk_size=chunk_size)
+        np.testing.assert_array_equal(ranks.numpy(), brute_force_ranks(q, gal))
+
+
+@pytest.mark.parametrize("d", [4, 16])
+@pytest.mark.parametrize("chunk_size", [1, 13, 500])
+def test_ranks_match_brute_force_with_ties(d, chunk_size):
+    a, b = sign_vectors(120, d, seed=1), sign_vectors(120, d, seed=2)
+    b[1::2] = b[::2]  # duplicated gallery vectors: every correct item ties with a wrong one
+    for q, gal in [(a, b), (b, a)]:
+        ranks = ev.retrieval_ranks(q, gal, chunk_size=chunk_size)
+        np.testing.assert_array_equal(ranks.numpy(), brute_force_ranks(q, gal))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 32, 1000])
+def test_ranks_match_brute_force_multi_positive(chunk_size):
+    rng = np.random.default_rng(3)
+    gallery_keys = [f"report {k}" for k in rng.integers(0, 25, 200)]  # ~8 items per key
+    query_keys = [gallery_keys[i] for i in rng.integers(0, 200, 90)]
+    q, gal = sign_vectors(90, 16, seed=4), sign_vectors(200, 16, seed=5)
+    ranks = ev.retrieval_ranks(q, gal, query_keys, gallery_keys, chunk_size=chunk_size)
+    expected = brute_force_ranks(q, gal, query_keys, gallery_keys)
+    np.testing.assert_array_equal(ranks.numpy(), expected)
+    # the other direction, with integer tensor keys; only items whose key the queries have
+    codes = {k: i for i, k in enumerate(sorted(set(gallery_keys)))}
+    keep = [i for i, k in enumerate(gallery_keys) if k in set(query_keys)]
+    gk = torch.tensor([codes[gallery_keys[i]] for i in keep])
+    qk = torch.tensor([codes[k] for k in query_keys])
+    ranks = ev.retrieval_ranks(gal[keep], q, gk, qk, chunk_size=chunk_size)
+    expected = brute_force_ranks(gal[keep], q, gk.tolist(), qk.tolist())
+    np.testing.assert_array_equal(ranks.numpy(), expected)
+
+
+def test_bf16_equals_fp32_when_scores_are_exact():
+    q, gal = sign_vectors(100, 16, seed=6), sign_vectors(100, 16, seed=7)
+    keys = [i % 10 for i in range(100)]
+    for kw in [{}, {"query_keys": keys, "gallery_keys": keys}]:
+        assert torch.equal(ev.retrieval_ranks(q, gal, bf16=True, chunk_size=9, **kw),
+                           ev.retrieval_ranks(q, gal, **kw))
+
+
+def test_summary_by_hand_and_output_fields():
+    out = ev.summarize_ranks(torch.tensor([1, 2, 3, 10]), ks=(1, 5))
+    assert out == {"R@1": 25.0, "R@5": 75.0, "mean_rank": 4.0, "median_rank": 2.5, "n_queries": 4}
+    e = torch.eye(5)
+    assert ev.retrieval_metrics(e, e)["multi_positive"] == "one_to_one"
+    keys = list("aabbc")
+    assert ev.retrieval_metrics(e, e, keys, keys)["multi_positive"] == "merged_by_key"
+
+
+def test_ties_count_against_the_model():
+    same = torch.ones(50, 8)  # a collapsed encoder: every score ties
+    out = ev.retrieval_metrics(same, same)
+    assert out["R@10"] == 0 and out["mean_rank"] == 50
+
+
+def test_chance_and_oracle_retrieval():
+    g = torch.Generator().manual_seed(8)
+    q, gal = torch.randn(2000, 64, generator=g), torch.randn(2000, 64, generator=g)
+    chance = ev.retrieval_metrics(q, gal, ks=(100,))
+    assert abs(chance["R@100"] - 5.0) < 1.5  # k / N = 5 %, binomial sd 0.5 %
+    assert abs(chance["mean_rank"] - 1000.5) < 60
+    assert ev.retrieval_metrics(q, q + 1e-3 * gal, ks=(1,))["R@1"] == 100.0
+
+
+def test_image_text_retrieval_both_directions():
+    images, texts = sign_vectors(60, 16, seed=9), sign_vectors(60, 16, seed=10)
+    keys = [f"k{i % 20}" for i in range(60)]
+    out = ev.image_text_retrieval(images, texts, keys, ks=(1, 5))
+    for direction, (q, gal) in {"image_to_text": (images, texts),
+                                "text_to_image": (texts, images)}.items():
+        ranks = brute_force_ranks(q, gal, keys, keys)
+        assert out[direction]["R@5"] == pytest.approx(100 * np.mean(ranks <= 5))
+        assert out[direction]["mean_rank"] == pytest.approx(ranks.mean())
+
+
+def test_bad_inputs_are_named():
+    e = torch.eye(4)
+    with pytest.raises(ValueError, match="no gallery item"):
+        ev.retrieval_ranks(e, e, ["a", "b", "c", "z"], ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="NaN"):
+        ev.retrieval_ranks(e * float("nan"), e)
+    with pytest.raises(ValueError, match="as many queries"):
+        ev.retrieval_ranks(e[:3], e)
+
+
+def test_large_gallery_with_small_chunks_matches_sampled_brute_force():
+    n, d = 20_000, 64  # the full matrix would be 1.6 GB; a chunk of 384 queries needs ~40 MB
+    q, gal = sign_vectors(n, d, seed=11), sign_vectors(n, d, seed=12)
+    gal[n // 2:] = q[n // 2:]  # half the queries find an exact copy of themselves
+    ranks = ev.retrieval_ranks(q, gal, chunk_size=384)
+    sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:40]
+    scores = q[sample].double() @ gal.double().T  # (40, G), exact for sign vectors
+    expected = (scores >= scores[torch.arange(40), sample][:, None]).sum(1)
+    assert torch.equal(ranks[sample], expected)
+    assert (ranks[n // 2:] == 1).float().mean() > 0.99
+
+
+def test_topk_retrieve_matches_full_matrix():
+    g = torch.Generator().manual_seed(13)
+    q, gal = torch.randn(40, 8, generator=g), torch.randn(70, 8, generator=g)
+    scores, idx = ev.topk_retrieve(q, gal, k=5, chunk_size=6)
+    full = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(gal, dim=1).T
+    assert torch.equal(idx, full.topk(5, dim=1).indices)
+    torch.testing.assert_close(scores, full.topk(5, dim=1).values)
+
+
+# ---------------------------------------------------------------------------------------------
+# AUROC, bootstrap, zero-shot
+# ---------------------------------------------------------------------------------------------
+
+def test_auroc_equals_pair_count_with_ties():
+    rng = np.random.default_rng(14)
+    for _ in range(5):
+        scores = rng.integers(0, 6, 300) / 5  # few distinct values: many ties
+        labels = rng.random(300) < 0.3
+        pos, neg = scores[labels], scores[~labels]
+        pairs = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
+        assert ev.auroc(scores, labels) == pytest.approx(pairs / (len(pos) * len(neg)))
+    assert ev.auroc(torch.tensor([0.1, 0.9]), torch.tensor([0, 1])) == 1.0
+    assert np.isnan(ev.auroc([0.1, 0.2], [1, 1]))
+
+
+def test_bootstrap_ci_is_deterministic_and_contains_estimate():
+    rng = np.random.default_rng(15)
+    labels = rng.random(400) < 0.4
+    scores = labels + rng.normal(0, 1, 400)
+    ci = ev.bootstrap_ci(ev.auroc, scores, labels, n=300, seed=0)
+    assert ci == ev.bootstrap_ci(ev.auroc, scores, labels, n=300, seed=0)
+    assert ci != ev.bootstrap_ci(ev.auroc, scores, labels, n=300, seed=1)
+    assert ci[0] < ev.auroc(scores, labels) < ci[1]
+
+
+def test_zero_shot_classify():
+    # label 0 is decided by the first coordinate, label 1 is noise, label 2 has only positives
+    image = torch.tensor([[1.0, 0.2], [0.9, -0.3], [-0.8, 0.5], [-1.0, -0.1], [0.3, 1.0]])
+    pos, neg = torch.tensor([[1.0, 0], [0, 1], [1, 0]]), torch.tensor([[-1.0, 0], [0, -1], [-1, 0]])
+    labels = np.array([[1, 1, 1], [1, 0, 1], [0, 1, -1], [0, 0, 1], [-1, 0, 1]])  # -1: uncertain
+    out = ev.zero_shot_classify(image, pos, neg, labels, names=["a", "b", "c"], n_boot=50)
+    a, b, c = out["per_label"]["a"], out["per_label"]["b"], out["per_label"]["c"]
+    assert a["auroc"] == 1.0 and (a["n_pos"], a["n_neg"]) == (2, 2)
+    # label b, margins ~ second coordinate: positives 0.2, 0.5; negatives -0.3, -0.1, 1.0
+    assert b["auroc"] == pytest.approx(4 / 6)
+    assert c["auroc"] is None and c["skipped"] == "only one class present"
+    assert out["n_labels_evaluated"] == 2 and out["mean_auroc"] == pytest.approx((1 + 4 / 6) / 2)
+    assert len(ev.ZERO_SHOT_PROMPTS) == 14
+
+
+# ---------------------------------------------------------------------------------------------
+# Report-understanding tasks
+# ---------------------------------------------------------------------------------------------
+
+def test_text_retrieval_by_hand():
+    answers = ["left effusion", "right effusion", "no pneumothorax"]
+    queries = ["left effusion small",  # cos .82 with its answer, .41 with the next: rank 1
+               "effusion",             # ties .71 with "left effusion": rank 2
+               "pneumothorax left"]    # ties .5 with "left effusion": rank 2
+    embed = bag_of_words(answers + queries)
+    out = ev.text_retrieval_task(embed, queries, answers, ks=(1, 5))
+    assert out["R@1"] == pytest.approx(100 / 3) and out["R@5"] == 100
+    assert out["mean_rank"] == pytest.approx(5 / 3) and out["median_rank"] == 2
+
+
+def test_text_retrieval_merges_identical_answers():
+    # "a b" appears twice: as a correct answer it is one entry, as a wrong one it costs one place
+    answers, queries = ["a b", "a b", "a c"], ["a b", "a b", "a"]
+    out = ev.text_retrieval_task(bag_of_words(answers), queries, answers, ks=(1,))
+    assert out["R@1"] == pytest.approx(200 / 3) and out["mean_rank"] == pytest.approx(4 / 3)
+    # with keys, two different answers are one entry: query 1 no longer loses to answer 0
+    answers = ["left effusion", "effusion left small", "no pneumothorax"]
+    queries = ["left effusion", "left effusion", "pneumothorax"]
+    embed = bag_of_words(answers)
+    assert ev.text_retrieval_task(embed, queries, answers, ks=(1,))["R@1"] == pytest.approx(200 / 3)
+    assert ev.text_retrieval_task(embed, queries, answers, keys="eep", ks=(1,))["R@1"] == 100
+
+
+def test_error_discrimination_by_hand():
+    cases = [
+        {"findings": "left pleural effusion", "impression": "left effusion",  # cos .82 vs .41s
+         "wrong": ["right effusion", "no effusion", "left pneumothorax"],
+         "kinds": ["laterality", "false_negation", "false_finding"]},
+        {"findings": "right effusion", "impression": "small right effusion",  # cos .82 loses to 1.0
+         "wrong": ["left effusion", "right effusion", "no pneumothorax"],
+         "kinds": ["laterality", "severity", "false_negation"]},
+    ]
+    texts = [t for c in cases for t in [c["findings"], c["impression"], *c["wrong"]]]
+    out = ev.error_discrimination(bag_of_words(texts), cases)
+    assert out["top1_accuracy"] == 50 and out["chance"] == 25 and out["n_cases"] == 2
+    assert out["pairwise_accuracy"] == pytest.approx(100 * 5 / 6)
+    assert {k: v["pairwise_accuracy"] for k, v in out["per_kind"].items()} == {
+        "laterality": 100, "false_negation": 100, "false_finding": 100, "severity": 0}
+    assert out["per_kind"]["laterality"]["n"] == 2
+
+
+def make_error_cases(n):
+    return [{"findings": f"f{i}", "impression": f"t{i}", "wrong": [f"w{i}.{j}" for j in range(3)]}
+            for i in range(n)]
+
+
+def test_error_discrimination_chance_and_oracle():
+    cases = make_error_cases(3000)
+    texts = [t for c in cases for t in [c["findings"], c["impression"], *c["wrong"]]]
+    random = ev.error_discrimination(lookup_embed([[t] for t in texts]), cases)
+    assert abs(random["top1_accuracy"] - 25) < 3  # binomial sd 0.8 %
+    assert random["per_kind"]["unspecified"]["n"] == 9000
+    oracle_groups = [[c["findings"], c["impression"]] for c in cases] + \
+                    [[w] for c in cases for w in c["wrong"]]
+    assert ev.error_discrimination(lookup_embed(oracle_groups), cases)["top1_accuracy"] == 100
+
+
+def test_text_retrieval_chance_and_oracle():
+    queries, answers = [f"q{i}" for i in range(2000)], [f"a{i}" for i in range(2000)]
+    random = ev.text_retrieval_task(lookup_embed([[t] for t in queries + answers]), queries,
+                                    answers, ks=(100,))
+    assert abs(random["R@100"] - 5.0) < 1.5
+    oracle = lookup_embed([[q, a] for q, a in zip(queries, answers)])
+    assert ev.text_retrieval_task(oracle, queries, answers, ks=(1,))["R@1"] == 100
+
+
+def test_clinical_similarity_by_hand():
+    def label_fn(text):  # CheXpert-style dict: 1 positive, -1 uncertain
+        return {w.strip("?"): -1 if w.endswith("?") else 1 for w in text.split() if w != "normal"}
+    retrieved = ["effusion edema", "normal", "edema", "effusion edema?"]
+    true = ["effusion", "normal", "normal", "effusion"]
+    # F1: 2*1/3, both "No Finding" -> 1, {edema} vs {No Finding} -> 0, uncertain ignored -> 1
+    out = ev.clinical_similarity(retrieved, true, label_fn)
+    assert out == {"label_f1": pytest.approx((2 / 3 + 1 + 0 + 1) / 4), "n": 4}
+    out = ev.clinical_similarity(["a b"], ["a"], lambda t: t.split())  # a set of positive labels
+    assert out["label_f1"] == pytest.approx(2 / 3)
+
+
+def test_read_cases_jsonl(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"query": "No PTX.", "answer": "No pneumothorax."}\n\n'
+                    '{"query": "Sm L eff.", "answer": "Small left effusion.", "key": "x"}\n')
+    cases = ev.read_cases_jsonl(good, "acronym")
+    assert [c["answer"] for c in cases] == ["No pneumothorax.", "Small left effusion."]
+    bad = tmp_path / "bad.jsonl"
+    for text, task, message in [
+            ('{"query": "a", "answer": "b"}\n{"query": "c"}\n', "paraphrase",
+             "line 2: missing key 'answer'"),
+            ('{"query": "a", \n', "acronym", "line 1: not valid JSON"),
+            ('["a", "b"]\n', "acronym", "line 1: expected a JSON object"),
+            ('{"findings": "a", "impression": "b"}\n', "error", "missing key 'wrong'"),
+            ('{"findings": "a", "impression": "b", "wrong": "c"}\n', "error", "non-empty list"),
+            ('{"findings": "a", "impression": "b", "wrong": ["c"], "kinds": []}\n', "error",
+             "one entry per"),
+            ('{"query": "a", "answer": "b"}\n', "acronyms", "unknown task")]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            ev.read_cases_jsonl(bad, task)
+
+
+def test_evaluate_text_tasks_from_files(tmp_path):
+    path = tmp_path / "error.jsonl"
+    path.write_text(json.dumps({"findings": "left effusion", "impression": "left effusion",
+                                "wrong": ["right effusion"]}) + "\n")
+    cases = {"error": ev.read_cases_jsonl(path, "error"),
+             "summarisation": [{"query": "left effusion", "answer": "effusion", "key": "e"},
+                               {"query": "no effusion", "answer": "Effusion", "key": "e"}]}
+    embed = bag_of_words(["left effusion right no Effusion"])
+    out = ev.evaluate_text_tasks(embed, cases)
+    assert out["error"]["top1_accuracy"] == 100 and out["error"]["chance"] == 50
+    assert out["summarisation"]["R@1"] == 100 and out["summarisation"]["n_queries"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Case builders: against a fake data module with data.py's documented interface, and against the
+# real data.py once its helpers exist
+# ---------------------------------------------------------------------------------------------
+
+def fake_data_module():
+    data = types.SimpleNamespace()
+    data.ERROR_KINDS = ["laterality", "severity", "false_negation", "false_finding", "measurement",
+                        "device"]
+    data.normalize_for_match = lambda text: " ".join(text.lower().replace(".", "").split())
+
+    def make_variants(report, rng):
+        return {"abbreviated": report.text().replace("pneumothorax", "PTX"),
+                "expanded": report.text(), "shuffled": report.impression + " " + report.findings}
+
+    def inject_error(text, kind, rng):
+        if kind == "laterality":
+            return text.replace("left", "right") if "left" in text else None
+        if kind == "device":
+            return None  # never applies: builder must still find three errors
+        return f"{text} ({kind} {rng.random():.3f})"
+
+    data.make_variants, data.inject_error = make_variants, inject_error
+    return data
+
+
+def check_cases(cases, data):
+    assert set(cases) == {"acronym", "paraphrase", "summarisation", "error"}
+    for task in ["acronym", "paraphrase", "summarisation"]:
+        for c in cases[task]:
+            assert c["key"] == data.normalize_for_match(c["answer"]) and c["query"] != c["answer"]
+    for c in cases["error"]:
+        normalized = {data.normalize_for_match(t) for t in [c["impression"], *c["wrong"]]}
+        assert len(c["wrong"]) == 3 and len(normalized) == 4
+        assert len(c["kinds"]) == 3 and set(c["kinds"]) <= set(data.ERROR_KINDS)
+
+
+class FakeReport:
+    def __init__(self, study_id, findings, impression):
+        self.study_id, self.findings, self.impression = study_id, findings, impression
+
+    def text(self):
+        return f"FINDINGS: {self.findings} IMPRESSION: {self.impression}"
+
+
+@pytest.mark.parametrize("rng", [np.random.default_rng(0), random.Random(0)])
+def test_build_text_cases_with_documented_interface(monkeypatch, rng):
+    data = fake_data_module()
+    monkeypatch.setitem(sys.modules, "data", data)
+    reports = [FakeReport(str(i), f"Small left effusion {i}. No pneumothorax.",
+                          f"Small left effusion {i}.") for i in range(12)]
+    reports.append(FakeReport("x", "", "No acute process."))
+    cases = ev.build_text_cases(reports, rng)
+    check_cases(cases, data)
+    assert all(len(set(c["kinds"])) == 3 for c in cases["error"])  # four kinds apply here
+    # "x" has nothing to abbreviate and no findings to summarise
+    assert {task: len(cs) for task, cs in cases.items()} == {
+        "acronym": 12, "paraphrase": 13, "summarisation": 12, "error": 12}
+    assert len(ev.build_text_cases(reports, rng, n=5)["paraphrase"]) == 5
+    assert ev.report_keys(["No  PTX.", "no ptx"]) == ["no ptx", "no ptx"]
+    texts = " ".join(t for cs in cases.values() for c in cs for t in c.values()
+                     if isinstance(t, str))
+    results = ev.evaluate_text_tasks(bag_of_words([texts]), cases)
+    assert set(results) == set(cases)
+
+
+def test_build_text_cases_with_real_data_module():
+    data = pytest.importorskip("data")
+    needed = ["make_variants", "inject_error", "normalize_for_match", "ERROR_KINDS", "Report"]
+    missing = [name for name in needed if not hasattr(data, name)]
+    if missing:
+        pytest.skip(f"data.py does not have {', '.join(missing)} yet")
+    findings = "Small left pleural effusion. No pneumothorax. Heart size is normal."
+    reports = [data.Report(study_id=str(i), findings=findings,
+                           impression="Small left pleural effusion.")
+               for i in range(5)]
+    check_cases(ev.build_text_cases(reports, np.random.default_rng(0)), data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+def test_write_results(tmp_path):
+    results = {"raw": {"image_to_text": {"R@1": 12.3456, "multi_positive": "merged_by_key"},
+                       "zero_shot": {"mean_auroc": None}},
+               "trained": {"image_to_text": {"R@1": 61.1}, "error": {"n_cases": 200}}}
+    json_path, md_path = ev.write_results(results, tmp_path / "out", "small")
+    assert json.loads(json_path.read_text()) == results
+    assert md_path.read_text().splitlines() == [
+        "| model | image_to_text/R@1 | image_to_text/multi_positive | zero_shot/mean_auroc"
+        " | error/n_cases |",
+        "|---|---|---|---|---|",
+        "| raw | 12.35 | merged_by_key | - | - |",
+        "| trained | 61.1 | - | - | 200 |"]
