@@ -219,6 +219,15 @@ class LLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% slower
 
+    def init_weights(self, std=0.02):
+        """Random initialisation as in Hugging Face (normal, std 0.02), for models trained from scratch."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        return self
+
     def forward(self, input_ids, attention_mask=None, causal=True):
         cfg = self.config
         x = self.model.embed_tokens(input_ids)                            # (B, T, d)
@@ -522,12 +531,17 @@ def read_hf_folder(folder):
     return cfg, tensors()
 
 
-def load_tokenizer(folder):
+def load_tokenizer(path):
+    """The tokenizer alone (no weights) of a Hugging Face folder, a .gguf file, or "smollm2"."""
     from tokenizers import Tokenizer
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no tokenizer.json in {folder!r}")
-    return Tokenizer.from_file(path)
+    path = resolve_model_path(path)
+    if path.endswith(".gguf"):
+        import gguf
+        reader = gguf.GGUFReader(path)
+        return gguf_tokenizer(reader, gguf_metadata(reader))
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise FileNotFoundError(f"no tokenizer.json in {path!r}")
+    return Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
 
 
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
@@ -543,12 +557,17 @@ def unpermute_qk(w, n_head):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_metadata(reader):
+    """Every metadata field except the large tokenizer arrays."""
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
+            or k.split(".")[-1] not in ("tokens", "merges", "token_type", "scores")}
+
+
 def read_gguf(path):
     """LlamaConfig, lazy dequantising tensor loaders and the tokenizer from a GGUF file."""
     import gguf
     reader = gguf.GGUFReader(path)
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
-            or k.split(".")[-1] not in ("tokens", "merges", "token_type", "scores")}
+    meta = gguf_metadata(reader)
     arch = meta["general.architecture"]
     if arch not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -629,3 +648,282 @@ GGUF_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QW
 # ---------------------------------------------------------------------------------------------
 # Stage 2: the ViT image tower and the dual-tower CLIP (PAPER.md stage 2)      [owner: ViT helper]
 # ---------------------------------------------------------------------------------------------
+#
+# The image tower is a plain ViT (Dosovitskiy et al. 2021) laid out like Hugging Face's
+# CLIPVisionModel, so `load_clip_vision` is a prefix strip: embeddings.{patch,class,position}_embedding,
+# pre_layrnorm (sic), encoder.layers.N.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2,
+# mlp.fc1, mlp.fc2}, post_layernorm. The CLIP model then puts the stage-1 text encoder next to it
+# (CLIP: Radford et al. 2021; LLM2CLIP: Huang et al. 2024), either with LoRA or, in the cheap
+# variant, as cached embeddings read by an adapter MLP.
+#
+#     model = CLIPModel(ViT(VisionConfig.preset("vit-b/16")), 512, TextEncoder(llm), text_mode="lora")
+#     image_features, text_features, scale = model(images, input_ids, attention_mask, embed_mask)
+#     loss = losses.clip_loss(image_features, text_features, scale); ...; model.clamp_logit_scale()
+
+VISION_PRESETS = {  # architecture only; image_size and channels are set per run
+    "tiny": dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
+    "vit-s/16": dict(patch_size=16, hidden_size=384, num_layers=12, num_heads=6, intermediate_size=1536),
+    "vit-b/16": dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "vit-l/14": dict(patch_size=14, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+}
+# transformers' CLIPVisionConfig defaults, for config.json files that leave a field out
+HF_VISION_DEFAULTS = dict(image_size=224, patch_size=32, num_channels=3, hidden_size=768, num_hidden_layers=12,
+                          num_attention_heads=12, intermediate_size=3072, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224        # the size the position embeddings are learned for; others interpolate
+    patch_size: int = 16
+    channels: int = 3            # 1: grayscale X-rays as they are; 3: replicated, as RGB checkpoints expect
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-5
+    activation: str = "quick_gelu"  # quick_gelu: openai CLIP checkpoints; gelu (exact): most others
+    pre_layernorm: bool = True      # CLIP's LayerNorm between the embeddings and the blocks
+
+    def __post_init__(self):
+        if self.activation not in ("quick_gelu", "gelu"):
+            raise ValueError(f"unsupported activation {self.activation!r}; supported: quick_gelu, gelu")
+
+    @classmethod
+    def preset(cls, name, **overrides) -> "VisionConfig":
+        if name not in VISION_PRESETS:
+            raise ValueError(f"unknown ViT preset {name!r}; choose from {list(VISION_PRESETS)}")
+        return cls(**{**VISION_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "VisionConfig":
+        """From a CLIPVisionConfig dict (a full CLIPConfig's `vision_config`)."""
+        hf = {**HF_VISION_DEFAULTS, **hf}
+        return cls(image_size=hf["image_size"], patch_size=hf["patch_size"], channels=hf["num_channels"],
+                   hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+                   num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+                   layer_norm_eps=hf["layer_norm_eps"], activation=hf["hidden_act"])
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d, self.grid = cfg.hidden_size, cfg.image_size // cfg.patch_size
+        self.patch_embedding = nn.Conv2d(cfg.channels, d, cfg.patch_size, cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(d) * d ** -0.5)   # open_clip's init scale
+        self.position_embedding = nn.Embedding(1 + self.grid ** 2, d)    # an Embedding only for HF's key name
+        nn.init.normal_(self.position_embedding.weight, std=d ** -0.5)
+
+    def positions(self, gh, gw):
+        """(1 + gh*gw, d): the learned table, its patch part resized bicubically to a gh x gw grid
+        (as transformers' `interpolate_pos_encoding`); the class position is kept as it is."""
+        pos = self.position_embedding.weight                             # (1 + g*g, d)
+        if (gh, gw) == (self.grid, self.grid):
+            return pos
+        patch = pos[1:].reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2).float()  # (1, d, g, g)
+        patch = F.interpolate(patch, size=(gh, gw), mode="bicubic", align_corners=False)
+        return torch.cat((pos[:1], patch.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(pos.dtype)))
+
+    def forward(self, images):                                           # (B, C, H, W)
+        x = self.patch_embedding(images.to(self.patch_embedding.weight.dtype))  # (B, d, H/p, W/p)
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)                                 # (B, gh*gw, d)
+        x = torch.cat((self.class_embedding.expand(x.shape[0], 1, -1), x), dim=1)  # (B, 1 + gh*gw, d)
+        return x + self.positions(gh, gw)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d, self.nh = cfg.hidden_size, cfg.num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = (p(x).view(B, T, self.nh, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)                      # (B, nh, T, hd), no mask: all see all
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)  # the GELU approximation openai CLIP was trained with
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cfg.hidden_size, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = quick_gelu if cfg.activation == "quick_gelu" else F.gelu  # the other is off by ~1e-2 on a tiny model
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.layer_norm1, self.self_attn = nn.LayerNorm(d, eps), VisionAttention(cfg)
+        self.layer_norm2, self.mlp = nn.LayerNorm(d, eps), VisionMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ViT(nn.Module):
+    """forward(images (B, C, H, W)) -> (B, hidden): the final-normed class token, CLIP's pooled output.
+    Any H, W (cut to whole patches, as the stride-p conv does); the position table is resized to the grid."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        d = cfg.hidden_size
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(d, cfg.layer_norm_eps) if cfg.pre_layernorm else nn.Identity()
+        self.encoder = nn.Module()  # only a container, for HF's `encoder.layers.N` names
+        self.encoder.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
+        self.post_layernorm = nn.LayerNorm(d, cfg.layer_norm_eps)
+        self.gradient_checkpointing = False  # as in LLM: recompute each block in backward
+
+    def forward(self, images):
+        x = self.pre_layrnorm(self.embeddings(images))                   # (B, 1 + N, d)
+        for block in self.encoder.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.post_layernorm(x[:, 0])                              # (B, d)
+
+
+def load_clip_vision(folder, channels=3, dtype=torch.float32, device="cpu") -> ViT:
+    """A ViT from a Hugging Face CLIPVisionModel or CLIPModel folder (config.json + model.safetensors;
+    of a CLIPModel only the `vision_model.*` tensors). Strict: every problem is listed in one error.
+
+    channels=1 from RGB weights: the patch kernel is summed over its input channels, which is exact
+    for a gray image replicated to 3 channels, since conv(x·[1,1,1], W) = conv(x, W_r + W_g + W_b).
+    (CLIP normalises R, G, B with slightly different means and stds; normalise the gray image once.)"""
+    from safetensors import safe_open
+    config_path, weights_path = (os.path.join(folder, f) for f in ("config.json", "model.safetensors"))
+    for path in (config_path, weights_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no {os.path.basename(path)} in {folder!r} (expected a Hugging Face CLIP folder)")
+    with open(config_path) as f:
+        hf = json.load(f)
+    cfg = VisionConfig.from_hf(hf.get("vision_config", hf))
+    with safe_open(weights_path, framework="pt") as f:
+        names = list(f.keys())
+        # a CLIPModel, or a CLIPVisionModel saved by transformers < 5, prefixes `vision_model.`
+        prefix = "vision_model." if any(n.startswith("vision_model.") for n in names) else ""
+        state = {n[len(prefix):]: f.get_tensor(n) for n in names
+                 if n.startswith(prefix) and not n.endswith("position_ids")}  # old files save that buffer
+    kernel = state.get("embeddings.patch_embedding.weight")
+    if channels != cfg.channels and kernel is not None and kernel.shape[1] == cfg.channels:
+        if channels != 1:
+            raise ValueError(f"cannot load {cfg.channels}-channel weights for {channels}-channel input (only 1 is supported)")
+        state["embeddings.patch_embedding.weight"] = kernel.sum(1, keepdim=True)
+    cfg.channels = channels
+    with torch.device("meta"):
+        model = ViT(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        problems = [f"missing: {missing}" if missing else "", f"unexpected: {unexpected}" if unexpected else "",
+                    f"wrong shape: {wrong_shape}" if wrong_shape else ""]
+        raise ValueError(f"{weights_path!r} does not match the ViT: " + "; ".join(p for p in problems if p))
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    return model
+
+
+TEXT_MODES = ("lora", "frozen")
+
+
+class CLIPModel(nn.Module):
+    """Image tower + text tower into one joint space of `embed_dim` (names as transformers' CLIPModel).
+
+    text_mode "lora": text = TextEncoder (frozen) with LoRA on q/k/v/o, then LayerNorm -> Linear.
+    text_mode "frozen" (LLM2CLIP's cheap variant): text = a precomputed (B, text_dim) embedding of the
+    frozen encoder (see `embedding_cache`), mapped by an adapter LayerNorm -> Linear -> GELU -> Linear
+    (hidden width text_dim). No residual: text_dim and embed_dim differ in general, and the LLM's
+    space is not the joint one, so there is no identity worth keeping."""
+
+    def __init__(self, vit: ViT, embed_dim=512, text_encoder: TextEncoder = None, text_mode="lora", text_dim=None,
+                 lora_r=16, lora_alpha=32, lora_dropout=0.1, train_pooler=False):
+        super().__init__()
+        if text_mode not in TEXT_MODES:
+            raise ValueError(f"unknown text_mode {text_mode!r}; choose from {TEXT_MODES}")
+        self.text_mode = text_mode
+        self.vision_model = vit
+        self.visual_projection = nn.Linear(vit.config.hidden_size, embed_dim, bias=False)
+        if text_mode == "lora":
+            if text_encoder is None:
+                raise ValueError('text_mode "lora" needs a text_encoder')
+            self.text_encoder = text_encoder
+            # stage-1 adapters, if still separate, are folded in so that the new LoRA wraps plain Linears;
+            # add_lora freezes all of the LLM, the pooler stays frozen unless asked
+            add_lora(merge_lora(text_encoder.llm), STAGE2_TARGETS, lora_r, lora_alpha, lora_dropout)
+            if text_encoder.pooler is not None:
+                text_encoder.pooler.requires_grad_(train_pooler)
+            d = text_encoder.llm.config.hidden_size
+            self.text_projection = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, embed_dim, bias=False))
+        else:
+            if text_dim is None and text_encoder is None:
+                raise ValueError('text_mode "frozen" needs text_dim (the cached embeddings\' width) or a text_encoder')
+            d = text_dim or text_encoder.llm.config.hidden_size  # the encoder is only asked for its width
+            self.text_projection = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # temperature 0.07, as CLIP
+
+    def encode_image(self, images):                                      # (B, C, H, W) -> (B, e)
+        return F.normalize(self.visual_projection(self.vision_model(images)), dim=-1)
+
+    def encode_text(self, text, attention_mask=None, embed_mask=None):
+        """text: token ids (B, T) in "lora" mode, cached embeddings (B, text_dim) in "frozen" mode."""
+        if self.text_mode == "lora":
+            text = self.text_encoder(text, attention_mask, embed_mask)      # (B, d)
+        h = text.to(self.text_projection[0].weight.dtype)                  # a bf16 LLM under fp32 heads
+        return F.normalize(self.text_projection(h), dim=-1)                # (B, e)
+
+    def forward(self, images, text, attention_mask=None, embed_mask=None):
+        """-> (image_features, text_features, logit_scale.exp()): clip_loss's three arguments."""
+        return self.encode_image(images), self.encode_text(text, attention_mask, embed_mask), self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self):
+        """Call after each optimizer step (open_clip): a scale above 100 makes the softmax too sharp."""
+        self.logit_scale.clamp_(0, math.log(100))
+
+
+def embedding_cache(encoder_fn, texts, cache_dir, encoder_id, batch_size=64) -> torch.Tensor:
+    """(N, d) fp32 embeddings of `texts` by the frozen encoder, `encoder_fn(list of str) -> (b, d)`,
+    computed once and kept in `cache_dir/emb-<hash of encoder_id>.safetensors`.
+
+    Each row is keyed by sha256(encoder_id + text): texts not yet in the file are encoded (each
+    distinct text once) and appended; the rest are read back. So an edited report costs one
+    encoding, and a new encoder_id starts a new file. encoder_id must change whenever the weights
+    do (e.g. the checkpoint path and its modification time). Rows of texts no longer asked for
+    stay in the file, so train and validation splits can share it. The file is written only at
+    the end, atomically: an interrupted run leaves the previous cache intact."""
+    from safetensors.torch import load_file, save_file
+    import hashlib
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"emb-{hashlib.sha256(encoder_id.encode()).hexdigest()[:16]}.safetensors")
+    keys = [hashlib.sha256(f"{encoder_id}\0{t}".encode()).digest() for t in texts]  # 32 bytes each
+    cache = load_file(path) if os.path.exists(path) else {"keys": torch.empty(0, 32, dtype=torch.uint8),
+                                                          "embeddings": torch.empty(0, 0)}
+    row = {bytes(k): i for i, k in enumerate(cache["keys"].numpy())}
+    todo = list({k: t for k, t in zip(keys, texts) if k not in row}.items())  # distinct new texts
+    if todo:
+        with torch.no_grad():
+            new = torch.cat([encoder_fn([t for _, t in todo[i:i + batch_size]]).detach().float().cpu()
+                             for i in range(0, len(todo), batch_size)])   # (n_new, d)
+        new_keys = torch.frombuffer(bytearray(b"".join(k for k, _ in todo)), dtype=torch.uint8).view(-1, 32)
+        old = cache["embeddings"] if row else new[:0]                     # (n_old, d)
+        if old.shape[1] != new.shape[1]:
+            raise ValueError(f"{path!r} holds width {old.shape[1]}, the encoder gives {new.shape[1]}: "
+                             "a changed encoder needs a new encoder_id")
+        row.update({k: len(row) + i for i, (k, _) in enumerate(todo)})
+        cache = {"keys": torch.cat((cache["keys"], new_keys)), "embeddings": torch.cat((old, new))}
+        atomic_write(path, lambda p: save_file(cache, p))
+    return cache["embeddings"][[row[k] for k in keys]]                    # (N, d), in the order of texts
