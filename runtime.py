@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import random
+import time
 import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -73,9 +74,10 @@ class TextConfig:
     mask_prob: float = 0.2         # MNTP: 20% masked (80% mask token, 10% random, 10% kept)
     mask_token: str = "_"          # LLM2Vec's choice for tokenizers without a mask token
     temperature: float = 0.02      # contrastive: cosine / 0.02 = scale 50
-    variants_per_report: int = 2   # K positives per group in a contrastive batch
-    hard_negative_share: float = 0.25  # share of groups that bring an error-injected report
-    summarize_share: float = 0.25  # share of groups that are a findings -> impression pair
+    variants_per_report: int = 2   # K equivalent texts per report in a contrastive batch
+    hard_negative_share: float = 0.25  # share of reports that add an error-injected copy
+    summarize_share: float = 0.25  # share of reports that add a findings -> impression pair
+    summarize_instruction: str = ""  # prefix of the findings in that pair (with model.instruction set)
     eval_reports: int = 200        # held-out reports for the end-of-stage evaluation
 
 
@@ -169,3 +171,294 @@ def atomic_write(path: str, write):
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path: str, state: dict):
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def rng_state() -> dict:
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s: dict):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, precision and processes
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Env:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    precision: str = "fp32"
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        """bf16 autocast on CPU or CUDA, fp16 on CUDA; matmuls in low precision, reductions in fp32."""
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def setup(cfg: Config) -> Env:
+    """Pick the device, join the process group under torchrun, seed everything."""
+    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    want = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    device = torch.device(want, int(os.environ.get("LOCAL_RANK", 0))) if want == "cuda" else torch.device("cpu")
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs CUDA (GradScaler); use bf16 or fp32 on CPU")
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return Env(device, rank, world, cfg.train.precision)
+
+
+def lr_at(step: int, stage: "StageConfig") -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < stage.warmup_steps:
+        return stage.lr * (step + 1) / stage.warmup_steps
+    progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+    return stage.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
+
+
+def all_mean(x: float, env: Env) -> float:
+    """The mean of a number over processes (losses are logged as the global mean)."""
+    if env.world_size == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=env.device)
+    torch.distributed.all_reduce(t)
+    return t.item() / env.world_size
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop both stages share
+# ---------------------------------------------------------------------------------------------
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class EndlessBatches(torch.utils.data.Dataset):
+    """Micro-batch i of a whole run over an epoch-based batch dataset (`set_epoch`, `len`): epochs
+    follow each other, and under torchrun rank r takes every world_size-th batch."""
+
+    def __init__(self, batches, env: "Env"):
+        self.batches, self.rank, self.world = batches, env.rank, env.world_size
+        if len(batches) < env.world_size:
+            raise ValueError(f"only {len(batches)} batches per epoch for {env.world_size} processes: use more data")
+
+    def __getitem__(self, i):
+        epoch, index = divmod(i * self.world + self.rank, len(self.batches) // self.world * self.world)
+        if getattr(self.batches, "epoch", None) != epoch:
+            self.batches.set_epoch(epoch)
+        return self.batches[index]
+
+    def __len__(self):
+        return 1 << 62
+
+
+def trainable_state(model: torch.nn.Module) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train_loop(name, model, loss_fn, batches, stage: "StageConfig", cfg: Config, env: Env, run_dir: str,
+               after_step=None):
+    """Train `model`'s trainable parameters for `stage.steps` optimizer steps.
+
+    `batches[i]` is micro-batch i, a deterministic function of i (so resuming needs no data-loader
+    state: it simply starts at the right index). `loss_fn(model, batch) -> (loss, n_tokens)`.
+    Checkpoints (trainable weights, optimizer, scaler, RNG, step) are written atomically to
+    `run_dir/ckpt.pt`; a non-finite loss or gradient stops the run before the update, so the last
+    checkpoint stays good. Returns the list of logged records.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
+    net = model
+    if env.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    ckpt_path, log_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")
+    start = 0
+    if cfg.train.resume == "auto" and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=env.device, weights_only=False)
+        model.load_state_dict(ck["model"], strict=False)
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        set_rng_state(ck["rng"])
+        start = ck["step"]
+    elif cfg.train.resume not in ("auto", "none"):
+        raise ValueError(f"train.resume must be auto or none, got {cfg.train.resume!r}")
+    A = stage.grad_accum
+    # batches are a function of their index; the loader gets its own generator so that it never
+    # draws from the global RNG, which must continue exactly as it was saved (dropout)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start * A, stage.steps * A),
+                                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    micro_batches = iter(loader)
+    records = []
+    log = open(log_path, "a") if env.is_main else None
+    from tqdm import tqdm
+    bar = tqdm(range(start, stage.steps), desc=name, disable=not env.is_main, initial=start, total=stage.steps)
+    t0, tokens = time.perf_counter(), 0
+    model.train()
+    for step in bar:
+        lr = lr_at(step, stage)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for micro in range(A):
+            batch = {k: v.to(env.device) if torch.is_tensor(v) else v for k, v in next(micro_batches).items()}
+            sync = nullcontext() if micro == A - 1 or env.world_size == 1 else net.no_sync()
+            with sync:
+                with env.autocast():
+                    loss, n = loss_fn(net, batch)
+                scaler.scale(loss / A).backward()
+            total += loss.item() / A
+            tokens += n
+        total = all_mean(total, env)
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+        if not np.isfinite(total) or (not torch.isfinite(norm) and env.precision != "fp16"):
+            raise NonFiniteLoss(f"{name}: non-finite {'loss' if not np.isfinite(total) else 'gradient'} at step "
+                                f"{step + 1} (loss {total}); stopped before the update, last good checkpoint: {ckpt_path}")
+        scaler.step(opt)  # under fp16 the scaler skips steps with inf gradients and lowers the scale
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(model)
+        if env.is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == stage.steps):
+            rec = dict(stage=name, step=step + 1, loss=total, lr=lr, grad_norm=float(norm),
+                       tokens_per_s=tokens / (time.perf_counter() - t0))
+            records.append(rec)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        if env.is_main and ((step + 1) % cfg.train.ckpt_every == 0 or step + 1 == stage.steps):
+            save_checkpoint(ckpt_path, dict(model=trainable_state(model), optimizer=opt.state_dict(),
+                                            scaler=scaler.state_dict(), rng=rng_state(), step=step + 1))
+    if log is not None:
+        log.close()
+    model.eval()
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage-1 encoder on disk: base model + each stage's adapter (or weights) + pooler
+# ---------------------------------------------------------------------------------------------
+
+def build_llm(mcfg: ModelConfig, seed: int, device):
+    """The LLM and its tokenizer: real weights, or a random model for tests (`path: random`)."""
+    import model  # model.py imports this module, so not at the top
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[mcfg.dtype]
+    if mcfg.path != "random":
+        return model.load_llm(mcfg.path, dtype=dtype, device=device)
+    tokenizer = model.load_tokenizer(mcfg.tokenizer)
+    torch.manual_seed(seed)
+    llm = model.LLM(model.LlamaConfig(vocab_size=tokenizer.get_vocab_size(), **mcfg.random_init)).init_weights()
+    return llm.to(device, dtype).eval(), tokenizer
+
+
+def pad_id(llm_config) -> int:
+    c = llm_config
+    return c.pad_token_id if c.pad_token_id is not None else (c.eos_token_id or 0)
+
+
+def save_stage(encoder, stage_dir: str, lora: bool) -> dict:
+    """Save what redoing this stage on load needs: its LoRA adapter (PEFT format) or its full
+    weights, and the pooler if there is one. Returns the stage's entry for encoder.json."""
+    import model
+    from safetensors.torch import save_file
+    entry = {"dir": os.path.basename(stage_dir)}
+    if lora:
+        model.save_adapter(encoder.llm, os.path.join(stage_dir, "adapter"))
+        entry["adapter"] = "adapter"
+    else:
+        weights = {k: v.contiguous() for k, v in encoder.llm.state_dict().items() if k != "lm_head.weight"}
+        atomic_write(os.path.join(stage_dir, "model.safetensors"), lambda p: save_file(weights, p))
+        entry["weights"] = "model.safetensors"
+    if encoder.pooler is not None:
+        atomic_write(os.path.join(stage_dir, "pooler.safetensors"),
+                     lambda p: save_file(dict(encoder.pooler.state_dict()), p))
+        entry["pooler"] = "pooler.safetensors"
+    return entry
+
+
+def load_text_encoder(text_dir: str, device="cpu"):
+    """(TextEncoder, tokenizer, ModelConfig) from `text_dir/encoder.json`: the base model, then
+    each stage's adapter merged in order (or its full weights), then the pooler."""
+    import model
+    from safetensors.torch import load_file
+    path = os.path.join(text_dir, "encoder.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} not found: run train_text.py with this config first")
+    with open(path) as f:
+        spec = json.load(f)
+    mcfg = ModelConfig(**spec["model"])
+    llm, tokenizer = build_llm(mcfg, spec["seed"], device)
+    encoder = model.TextEncoder(llm, mcfg.pooling, mcfg.num_latents).to(device)
+    for stage in spec["stages"]:
+        d = os.path.join(text_dir, stage["dir"])
+        if "adapter" in stage:
+            model.merge_lora(model.load_adapter(llm, os.path.join(d, stage["adapter"])))
+        else:
+            llm.load_state_dict(load_file(os.path.join(d, stage["weights"])), strict=False)
+        if "pooler" in stage:
+            encoder.pooler.load_state_dict(load_file(os.path.join(d, stage["pooler"])))
+    return encoder.requires_grad_(False).eval(), tokenizer, mcfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures of the run
+# ---------------------------------------------------------------------------------------------
+
+def plot_losses(log_paths: dict, png_path: str, size=(720, 400)):
+    """Loss against step for each stage, drawn with pillow (no plotting library needed)."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    W, H, pad = size[0], size[1], 40
+    panels = [(n, [json.loads(l) for l in open(p)]) for n, p in log_paths.items() if os.path.exists(p)]
+    panels = [(n, recs) for n, recs in panels if recs]
+    width = (W - pad) // max(1, len(panels))
+    for k, (name, recs) in enumerate(panels):
+        steps, losses = [r["step"] for r in recs], [r["loss"] for r in recs]
+        x0, x1, y0, y1 = pad + k * width, pad + (k + 1) * width - 10, pad, H - pad
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        pts = [(x0 + (x1 - x0) * (s - steps[0]) / max(1, steps[-1] - steps[0]), y1 - (y1 - y0) * (v - lo) / (hi - lo))
+               for s, v in zip(steps, losses)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colors[k % len(colors)], width=2)
+        draw.text((x0 + 4, y0 - 14), f"{name} loss", fill="black")
+        draw.text((x0 - 2, y0 + 2), f"{hi:.3g}", fill="gray")
+        draw.text((x0 - 2, y1 - 12), f"{lo:.3g}", fill="gray")
+        draw.text((x1 - 60, y1 + 4), f"step {steps[-1]}", fill="gray")
+    img.save(png_path)

@@ -1,0 +1,106 @@
+"""train_text.py end to end on configs/tiny.yaml: losses fall, files are written, the saved encoder
+reloads to the same embeddings, a crashed run resumes exactly, a NaN stops the run cleanly."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import losses
+import runtime
+import train_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def run(out_dir, *overrides):
+    return train_text.main([TINY, f"out_dir={out_dir}", *overrides])
+
+
+def logged(out_dir, stage):
+    with open(os.path.join(out_dir, "text", stage, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_end_to_end(tmp_path):
+    encoder, tokenizer, results = run(tmp_path)
+    for stage in ("mntp", "contrastive"):
+        loss = [r["loss"] for r in logged(tmp_path, stage)]
+        assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5, f"{stage} loss did not fall: {loss}"
+        assert os.path.exists(tmp_path / "text" / stage / "adapter" / "adapter_model.safetensors")
+    for name in ("encoder.json", "eval.json", "loss.png", "config.yaml"):
+        assert os.path.exists(tmp_path / "text" / name), name
+    assert set(results) == {"before", "mntp", "contrastive"}
+
+    reloaded, tok2, _ = runtime.load_text_encoder(str(tmp_path / "text"))
+    texts = ["FINDINGS: Small left pleural effusion. IMPRESSION: Small left effusion.", "No acute disease."]
+    b = data.encode_batch(tokenizer, texts, 64, runtime.pad_id(encoder.llm.config))
+    with torch.no_grad():
+        before = encoder.eval()(b["input_ids"], b["attention_mask"], b["embed_mask"])
+        after = reloaded(b["input_ids"], b["attention_mask"], b["embed_mask"])
+    assert (before - after).abs().max() <= 1e-5
+
+
+def test_crash_and_resume_is_exact(tmp_path, monkeypatch):
+    """A run killed in the contrastive stage and resumed equals one uninterrupted run."""
+    args = ["text.mntp.steps=6", "text.contrastive.steps=6", "train.ckpt_every=2", "text.eval_reports=8"]
+    run(tmp_path / "straight", *args)
+
+    calls, real = [0], losses.supcon_loss
+
+    def crash_on_fourth_step(*a, **k):
+        calls[0] += 1
+        if calls[0] == 4:  # checkpoint at step 2 exists, step 3 done but not saved
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+    monkeypatch.setattr(losses, "supcon_loss", crash_on_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", *args)
+    monkeypatch.setattr(losses, "supcon_loss", real)
+    run(tmp_path / "resumed", *args)
+
+    for stage in ("mntp", "contrastive"):
+        a = {r["step"]: r["loss"] for r in logged(tmp_path / "straight", stage)}
+        b = {r["step"]: r["loss"] for r in logged(tmp_path / "resumed", stage)}  # later lines win
+        assert a == b, stage
+        wa = load_file(str(tmp_path / "straight" / "text" / stage / "adapter" / "adapter_model.safetensors"))
+        wb = load_file(str(tmp_path / "resumed" / "text" / stage / "adapter" / "adapter_model.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), stage
+
+
+def test_nan_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    calls, real = [0], losses.mntp_loss
+
+    def nan_at_step_seven(*a, **k):
+        calls[0] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls[0] == 7 else loss
+    monkeypatch.setattr(losses, "mntp_loss", nan_at_step_seven)
+    with pytest.raises(runtime.NonFiniteLoss, match="non-finite loss at step 7"):
+        run(tmp_path, "train.ckpt_every=5", "text.stages=[mntp]")
+    ck = torch.load(tmp_path / "text" / "mntp" / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 5
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_bad_configs_fail_before_work(tmp_path):
+    with pytest.raises(ValueError, match="must be a multiple of text.variants_per_report"):
+        run(tmp_path, "text.contrastive.batch_size=7")
+    with pytest.raises(ValueError, match="exceeds the model's limit 512"):
+        run(tmp_path, "model.max_len=1000")
+    with pytest.raises(ValueError, match="unknown text.stages"):
+        run(tmp_path, "text.stages=[mlm]")
+
+
+def test_small_config_smoke(tmp_path):
+    """configs/small.yaml with a step limit: real SmolLM2 weights, real Open-I reports."""
+    small = os.path.join(ROOT, "configs", "small.yaml")
+    encoder, _, results = train_text.main([
+        small, f"out_dir={tmp_path}", "text.mntp.steps=2", "text.contrastive.steps=2", "text.mntp.batch_size=2",
+        "text.contrastive.batch_size=4", "text.eval_reports=6", "model.max_len=48", "train.log_every=1"])
+    assert encoder.llm.config.num_hidden_layers == 30
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for s in ("mntp", "contrastive") for r in logged(tmp_path, s))
+    assert os.path.exists(tmp_path / "text" / "encoder.json")

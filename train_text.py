@@ -1,0 +1,189 @@
+"""Stage 1 (PAPER.md, LLM2VEC4CXR): turn a decoder LLM into a chest X-ray report encoder.
+
+    python train_text.py configs/small.yaml                 # SmolLM2-135M on Open-I, both stages
+    python train_text.py configs/tiny.yaml text.stages=[mntp] out_dir=runs/t
+    torchrun --nproc_per_node=2 train_text.py configs/small.yaml
+
+1. The LLM runs bidirectionally (no causal mask; LLM2Vec).
+2. MNTP: 20% of report tokens masked, each predicted from the state one position before it,
+   through the LM head, with LoRA on all seven projections. The adapter is then merged.
+3. Contrastive: K clinically equivalent variants of each report (abbreviated, shuffled, impression
+   only, ...) are positives, every other report in the batch a negative, plus error-injected hard
+   negatives and findings -> impression pairs; supervised contrastive loss at temperature 0.02,
+   with a fresh LoRA and the pooler trained.
+Each stage ends with a short held-out evaluation (acronym retrieval, error discrimination). The
+encoder is written to `out_dir/text/encoder.json` (base model + adapters, in order), which
+train_clip.py and evaluate.py load with `load_text_encoder`.
+"""
+import dataclasses
+import json
+import os
+import random
+import sys
+
+import torch
+
+import data
+import evaluate
+import losses
+import model as M
+from runtime import EndlessBatches, build_llm, load_config, pad_id, plot_losses, save_config, save_stage, setup, train_loop
+
+# ---------------------------------------------------------------------------------------------
+# Data: reports, and batches that are a pure function of their index (exact resume, any workers)
+# ---------------------------------------------------------------------------------------------
+
+def load_reports(cfg):
+    """{'train' | 'val' | 'test': [Report]} for the configured source, split by study id."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return {split: [r for style in (d.train_styles if split == "train" else d.test_styles)
+                        for r in data.synth_reports(cfg.seed, d.synthetic_n // len(d.train_styles), style, split)]
+                for split in ("train", "val", "test")}
+    readers = {"openi": lambda: data.read_openi(d.path or data.openi_archive_path()),
+               "mimic": lambda: data.read_mimic(d.path), "chexpert_plus": lambda: data.read_chexpert_plus(d.path, d.image_root),
+               "pairs": lambda: data.read_pairs(d.path)}
+    if d.source not in readers:
+        raise ValueError(f"unknown data.source {d.source!r}; choose from {sorted(readers) + ['synthetic']}")
+    splits = {"train": [], "val": [], "test": []}
+    for r in readers[d.source]():
+        if r.findings or r.impression:
+            splits[data.split_of(r.study_id, d.val_fraction, d.test_fraction)].append(r)
+    return splits
+
+
+class MNTPBatches(torch.utils.data.Dataset):
+    """Batch i of an epoch: `batch_size` reports in a seeded shuffled order, tokenised and masked."""
+
+    def __init__(self, reports, collator, batch_size, seed):
+        self.texts, self.collator, self.batch_size, self.seed = [r.text() for r in reports], collator, batch_size, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        self.epoch, self.order = epoch, list(range(len(self.texts)))
+        random.Random(f"{self.seed}/{epoch}").shuffle(self.order)
+
+    def __len__(self):
+        return len(self.texts) // self.batch_size
+
+    def __getitem__(self, i):
+        texts = [self.texts[j] for j in self.order[i * self.batch_size:(i + 1) * self.batch_size]]
+        return self.collator(texts, seed=self.epoch * len(self) + i)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+def make_embed(encoder, tokenizer, cfg, env, batch_size=32):
+    """texts -> (N, d) embeddings with the encoder, in batches, without gradients."""
+    pad = pad_id(encoder.llm.config)
+
+    def embed(texts):
+        encoder.eval()
+        out = []
+        with torch.no_grad(), env.autocast():
+            for i in range(0, len(texts), batch_size):
+                b = data.encode_batch(tokenizer, texts[i:i + batch_size], cfg.model.max_len, pad,
+                                      cfg.model.instruction or None, data.SEPARATOR, cfg.model.padding_side)
+                out.append(encoder(*(b[k].to(env.device) for k in ("input_ids", "attention_mask", "embed_mask"))).float())
+        return torch.cat(out).cpu()
+    return embed
+
+
+def held_out_eval(encoder, tokenizer, reports, cfg, env):
+    """Acronym retrieval and error discrimination on held-out reports (evaluate.py's tasks)."""
+    cases = evaluate.build_text_cases(reports[:cfg.text.eval_reports], random.Random(cfg.seed))
+    metric = {"acronym": "R@1", "paraphrase": "R@1", "error": "top1_accuracy"}
+    res = evaluate.evaluate_text_tasks(make_embed(encoder, tokenizer, cfg, env),
+                                       {k: v for k, v in cases.items() if k in metric})
+    return {f"{task}_{metric[task]}": res[task][metric[task]] for task in metric if task in res}
+
+
+def check_config(cfg, llm):
+    t = cfg.text
+    unknown = [s for s in t.stages if s not in ("mntp", "contrastive")]
+    if unknown:
+        raise ValueError(f"unknown text.stages {unknown}; choose from ['mntp', 'contrastive']")
+    if t.contrastive.batch_size % t.variants_per_report or t.variants_per_report < 2:
+        raise ValueError(f"text.contrastive.batch_size ({t.contrastive.batch_size}) must be a multiple of "
+                         f"text.variants_per_report ({t.variants_per_report}, at least 2)")
+    if cfg.model.max_len > llm.config.max_position_embeddings:
+        raise ValueError(f"model.max_len {cfg.model.max_len} exceeds the model's limit {llm.config.max_position_embeddings}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The two stages
+# ---------------------------------------------------------------------------------------------
+
+def main(argv):
+    cfg = load_config(argv[0], argv[1:])
+    env = setup(cfg)
+    out = os.path.join(cfg.out_dir, "text")
+    os.makedirs(out, exist_ok=True)
+    if env.is_main:
+        save_config(cfg, os.path.join(out, "config.yaml"))
+    reports = load_reports(cfg)
+    llm, tokenizer = build_llm(cfg.model, cfg.seed, env.device)
+    check_config(cfg, llm)
+    llm.gradient_checkpointing = cfg.train.grad_checkpointing
+    t = cfg.text
+    encoder = M.TextEncoder(llm, cfg.model.pooling, cfg.model.num_latents).to(env.device)
+    results = {"before": held_out_eval(encoder, tokenizer, reports["val"], cfg, env)} if env.is_main else {}
+    adapters = []
+
+    for stage in t.stages:
+        run_dir = os.path.join(out, stage)
+        if t.lora:
+            M.add_lora(llm, M.STAGE1_TARGETS, t.lora_r, t.lora_alpha, t.lora_dropout)
+        else:
+            llm.requires_grad_(True)
+        if stage == "mntp":
+            mask_id = tokenizer.token_to_id(t.mask_token)
+            if mask_id is None:
+                raise ValueError(f"text.mask_token {t.mask_token!r} is not a single token of this tokenizer")
+            collator = data.MNTPCollator(tokenizer, cfg.model.max_len, pad_id(llm.config), mask_id, t.mask_prob)
+            batches = MNTPBatches(reports["train"], collator, t.mntp.batch_size, cfg.seed)
+
+            def loss_fn(net, b):
+                h = net(b["input_ids"], b["attention_mask"], causal=False)       # (B, T, d)
+                return losses.mntp_loss(h, b["labels"], llm.lm_head), int(b["attention_mask"].sum())
+            train_loop("mntp", llm, loss_fn, EndlessBatches(batches, env), t.mntp, cfg, env, run_dir)
+        else:
+            if encoder.pooler is not None:
+                encoder.pooler.requires_grad_(True)
+            batches = data.ContrastiveBatches(
+                reports["train"], tokenizer, pad_id(llm.config), t.contrastive.batch_size, t.variants_per_report,
+                cfg.model.max_len, cfg.model.instruction or None, t.summarize_instruction or None,
+                t.hard_negative_share, t.summarize_share, padding_side=cfg.model.padding_side, seed=cfg.seed)
+
+            def loss_fn(net, b):
+                e = net(b["input_ids"], b["attention_mask"], b["embed_mask"])      # (N, d)
+                # ids count from 0 in every batch: offset them per rank so that gathered groups from
+                # different ranks never merge (identical texts on two ranks then count as negatives)
+                groups = b["group_ids"] + env.rank * len(b["group_ids"])
+                loss = losses.supcon_loss(e.float(), groups, t.temperature, b["is_hard_negative"])
+                return loss, int(b["attention_mask"].sum())
+            train_loop("contrastive", encoder, loss_fn, EndlessBatches(batches, env), t.contrastive, cfg, env, run_dir)
+        if env.is_main:
+            adapters.append(save_stage(encoder, run_dir, t.lora))
+            results[stage] = held_out_eval(encoder, tokenizer, reports["val"], cfg, env)
+            print(f"{stage}: held-out {results[stage]} (before training: {results['before']})")
+        if t.lora:
+            M.merge_lora(llm)  # LLM2Vec: merge, then the next stage trains a fresh adapter
+        llm.requires_grad_(False)
+
+    if env.is_main:
+        spec = dict(model=dataclasses.asdict(cfg.model), seed=cfg.seed, stages=adapters)
+        with open(os.path.join(out, "encoder.json"), "w") as f:
+            json.dump(spec, f, indent=2)
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        plot_losses({s: os.path.join(out, s, "log.jsonl") for s in t.stages}, os.path.join(out, "loss.png"))
+    return encoder, tokenizer, results
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python train_text.py CONFIG.yaml [key=value ...]")
+    main(sys.argv[1:])
