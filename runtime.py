@@ -95,6 +95,20 @@ class TrainConfig:
 
 
 @dataclass
+class ClipConfig:
+    text_encoder: str = "trained"  # trained: the stage-1 encoder in out_dir/text | raw: the untrained LLM, mean pooling
+    text_mode: str = "frozen"      # frozen: cached embeddings + adapter MLP (LLM2CLIP's cheap variant) | lora
+    vision: str = "tiny"           # a model.VISION_PRESETS name, or a Hugging Face CLIP folder to start from
+    embed_dim: int = 256           # the joint space
+    optim: StageConfig = field(default_factory=lambda: StageConfig(steps=200, batch_size=64, lr=1e-4, weight_decay=0.05))
+
+
+@dataclass
+class EvalConfig:
+    models: list = field(default_factory=lambda: ["raw", "trained"])  # which encoders evaluate.py compares
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/default"  # everything a script writes goes here; the next stage reads it
     seed: int = 0
@@ -102,6 +116,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _coerce(value, typ, key):
