@@ -14,8 +14,8 @@ gather's backward sums over ranks the gradient that each rank's loss sends to ev
 each rank the slice of its own rows; DDP then averages parameter gradients over ranks. So
     grad = 1/N Σ_r ∂loss_r/∂θ = ∂/∂θ (1/N Σ_r loss_r),
 and 1/N Σ_r loss_r, each loss_r a mean over its rank's rows, is the mean over all N·b rows: the
-loss, and gradient, of one process holding the whole batch. Every rank must hold the same number of
-rows (all_gather needs equal shapes; use drop_last).
+loss, and gradient, of one process holding the whole batch. Ranks may hold different numbers of
+rows (a contrastive batch with a random number of hard negatives): the gather pads and strips.
 
 Tests: python -m pytest tests/test_losses.py -q
 """
@@ -28,30 +28,39 @@ class _AllGather(torch.autograd.Function):
     """all_gather whose backward gives each rank the sum over ranks of the gradient of its rows."""
 
     @staticmethod
-    def forward(ctx, x):  # x: (b, ...) -> (N*b, ...), rank-major
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
+    def forward(ctx, x, sizes):  # x: (b_r, ...) -> (Σ b_r, ...), rank-major; sizes: every b_r
+        padded = x.new_zeros(max(sizes), *x.shape[1:])  # all_gather needs equal shapes
+        padded[:x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.start, ctx.size = sum(sizes[:dist.get_rank()]), x.shape[0]
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
     @staticmethod
-    def backward(ctx, grad):  # grad: (N*b, ...), d loss_r / d (all rows) on rank r
+    def backward(ctx, grad):  # grad: (Σ b_r, ...), d loss_r / d (all rows) on rank r
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)  # Σ_r: our rows are also negatives in every other rank's loss
-        b = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * b:(dist.get_rank() + 1) * b]
+        return grad[ctx.start:ctx.start + ctx.size], None
 
 
 def gather_features(x):
-    """Concatenate x (b, ...) over all ranks -> (N·b, ...), and the offset of this rank's rows.
+    """Concatenate x (b_r, ...) over all ranks -> (Σ b_r, ...), and the offset of this rank's rows.
 
     Gradients reach this rank's rows from the losses of all ranks. Gathering without grad and
     putting the local tensor back in its slot (open_clip's default) is not enough with a local
     loss: it drops the gradient that other ranks' losses send to our rows as their negatives.
     Without torch.distributed initialised it returns (x, 0).
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return x, 0
-    return _AllGather.apply(x), dist.get_rank() * x.shape[0]
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(s) for s in sizes]
+    return _AllGather.apply(x, sizes), sum(sizes[:dist.get_rank()])
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _fp32(x):
@@ -129,9 +138,9 @@ def supcon_loss(embeddings, group_ids, temperature=0.02, hard_negative=None, anc
         log_prob = logits.log_softmax(dim=-1)  # s_ij/τ - log Σ_{a in A(i)} exp(s_ia/τ)
         pos = positive[anchors]  # (A, M)
         loss_per_anchor = -log_prob.masked_fill(~pos, 0).sum(-1) / pos.sum(-1)  # SupCon, eq. 2
-    n_anchors = _gather(anchors.sum().view(1))[0].sum()  # over all N = M // n ranks
+    n_anchors = _gather(anchors.sum().view(1))[0].sum()  # over all N ranks
     # / (n_anchors / N): the mean over ranks, DDP's average, is the mean over all anchors
-    return loss_per_anchor.sum() / n_anchors.clamp(min=1) * (M // n)
+    return loss_per_anchor.sum() / n_anchors.clamp(min=1) * (world_size() if gather else 1)
 
 
 def clip_loss(image_features, text_features, logit_scale, gather=True):

@@ -276,6 +276,10 @@ def losses_and_grads(rank, world):
     def supcon_case(model):
         return supcon_loss(model(x_image[mine]), groups[mine], 0.05, hard[mine])
 
+    def supcon_uneven_case(model):  # rank 0 holds 3 rows, rank 1 holds 5 (random hard negatives do this)
+        rows = slice(0, 8) if world == 1 else (slice(0, 3) if rank == 0 else slice(3, 8))
+        return supcon_loss(model(x_image[rows]), groups[rows], 0.05, hard[rows])
+
     def llm2vec_case(model):  # each rank: [q; d+; d-] of its own triples; candidates from all ranks
         emb = model(torch.cat([x_q[mine_triples], x_pos[mine_triples], x_neg[mine_triples]]))
         ids = torch.arange(B)[mine_triples].repeat(3)
@@ -284,7 +288,7 @@ def losses_and_grads(rank, world):
 
     results = {}
     for name, case, make in (("clip", clip_case, Towers), ("supcon", supcon_case, nn.Linear),
-                             ("llm2vec", llm2vec_case, nn.Linear)):
+                             ("supcon_uneven", supcon_uneven_case, nn.Linear), ("llm2vec", llm2vec_case, nn.Linear)):
         torch.manual_seed(1)  # the same initial weights in every process
         module = make(d_in, 4)
         model = wrap(module)  # kept alive until backward is done: DDP's hooks die with it
