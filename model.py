@@ -345,8 +345,9 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
-        return y + update.to(y.dtype)
+        if not torch.is_autocast_enabled(x.device.type):  # autocast casts for us; else bf16 x meets fp32 A
+            x = x.to(self.lora_A.weight.dtype)
+        return y + (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(y.dtype)
 
 
 def add_lora(model: nn.Module, targets=STAGE1_TARGETS, r=16, alpha=32, dropout=0.05, rslora=False):

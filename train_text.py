@@ -36,10 +36,11 @@ from runtime import EndlessBatches, build_llm, load_config, pad_id, plot_losses,
 def load_reports(cfg):
     """{'train' | 'val' | 'test': [Report]} for the configured source, split by study id."""
     d = cfg.data
-    if d.source == "synthetic":
-        return {split: [r for style in (d.train_styles if split == "train" else d.test_styles)
-                        for r in data.synth_reports(cfg.seed, d.synthetic_n // len(d.train_styles), style, split)]
-                for split in ("train", "val", "test")}
+    if d.source == "synthetic":  # each style describes the same studies, in its own words
+        n = {"train": d.synthetic_n, "val": int(d.synthetic_n * d.val_fraction), "test": int(d.synthetic_n * d.test_fraction)}
+        styles = {"train": d.train_styles, "val": d.test_styles, "test": d.test_styles}
+        return {s: [r for style in styles[s] for r in data.synth_reports(cfg.seed, n[s] // len(styles[s]), style, s)]
+                for s in n}
     readers = {"openi": lambda: data.read_openi(d.path or data.openi_archive_path()),
                "mimic": lambda: data.read_mimic(d.path), "chexpert_plus": lambda: data.read_chexpert_plus(d.path, d.image_root),
                "pairs": lambda: data.read_pairs(d.path)}
