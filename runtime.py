@@ -98,14 +98,33 @@ class TrainConfig:
 class ClipConfig:
     text_encoder: str = "trained"  # trained: the stage-1 encoder in out_dir/text | raw: the untrained LLM, mean pooling
     text_mode: str = "frozen"      # frozen: cached embeddings + adapter MLP (LLM2CLIP's cheap variant) | lora
-    vision: str = "tiny"           # a model.VISION_PRESETS name, or a Hugging Face CLIP folder to start from
+    lora_r: int = 16               # lora mode: LoRA on q/k/v/o of the encoder's LLM (paper: r 16, alpha 32, dropout 0.1)
+    lora_alpha: float = 32
+    lora_dropout: float = 0.1
+    vision: str = "tiny"           # a model.VISION_PRESETS name (random init), or a Hugging Face CLIP folder to start from
+    channels: int = 1              # 1: grayscale as it is (RGB checkpoints: kernel summed, exact); 3: replicated
     embed_dim: int = 256           # the joint space
+    images: str = "synthetic"      # synthetic: data.SyntheticStudies | real: the data.source reports whose images exist
+    train_n: int = 0               # synthetic training studies; 0: data.synthetic_n
+    val_n: int = 200               # synthetic validation studies, evaluated in each of data.test_styles
+    test_n: int = 200              # synthetic held-out test studies, likewise; chance R@k is k / distinct reports
+    eval_every: int = 0            # optimizer steps between validation evaluations; 0: once per epoch
+    embed_batch_size: int = 32     # reports per forward pass of the frozen encoder (embedding cache, evaluation)
     optim: StageConfig = field(default_factory=lambda: StageConfig(steps=200, batch_size=64, lr=1e-4, weight_decay=0.05))
 
 
 @dataclass
 class EvalConfig:
-    models: list = field(default_factory=lambda: ["raw", "trained"])  # which encoders evaluate.py compares
+    # text encoders to compare, a table row each: raw (the untrained LLM, causal, mean pooling: the
+    # paper's baseline) | raw_bidirectional (the same without the causal mask) | trained (out_dir/text)
+    # | the path of another run's text/ folder
+    models: list = field(default_factory=lambda: ["raw", "trained"])
+    max_reports: int = 0           # test reports the text tasks are built from (0 = all); embedding is the cost
+    cases: dict = field(default_factory=dict)  # task -> JSONL of prepared cases, replacing the built ones
+    batch_size: int = 32           # texts per forward pass
+    merge: str = "text"            # image <-> report hits: text (identical normalised reports) | text+labels | none
+    n_boot: int = 1000             # bootstrap resamples for the zero-shot AUROC 95 % CIs
+    n_examples: int = 8            # sampled queries shown in retrieval.html and the PNGs
 
 
 @dataclass
@@ -247,10 +266,25 @@ def setup(cfg: Config) -> Env:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu":
+        keep_freed_memory()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     return Env(device, rank, world, cfg.train.precision)
+
+
+def keep_freed_memory():
+    """glibc hands every freed block above a few MB back to the kernel, so the next activation of
+    that size page-faults in fresh zeroed memory: on CPU that made training steps of varying length
+    2-3x slower. Keep freed memory in the process instead (glibc only; elsewhere a no-op)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks below 1 GiB come from the heap
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: do not give the heap back below 2 GiB free
+    except (OSError, AttributeError):
+        pass
 
 
 def lr_at(step: int, stage: "StageConfig") -> float:
@@ -302,11 +336,14 @@ def trainable_state(model: torch.nn.Module) -> dict:
 
 
 def train_loop(name, model, loss_fn, batches, stage: "StageConfig", cfg: Config, env: Env, run_dir: str,
-               after_step=None):
+               after_step=None, evaluate=None, eval_every=0):
     """Train `model`'s trainable parameters for `stage.steps` optimizer steps.
 
     `batches[i]` is micro-batch i, a deterministic function of i (so resuming needs no data-loader
     state: it simply starts at the right index). `loss_fn(model, batch) -> (loss, n_tokens)`.
+    `after_step(model)` runs after every optimizer step; `evaluate(model, step)` every `eval_every`
+    steps and after the last one, on every rank, before that step's checkpoint (it must not draw
+    from the global RNG, or a resumed run would differ).
     Checkpoints (trainable weights, optimizer, scaler, RNG, step) are written atomically to
     `run_dir/ckpt.pt`; a non-finite loss or gradient stops the run before the update, so the last
     checkpoint stays good. Returns the list of logged records.
@@ -368,6 +405,9 @@ def train_loop(name, model, loss_fn, batches, stage: "StageConfig", cfg: Config,
         opt.zero_grad(set_to_none=True)
         if after_step is not None:
             after_step(model)
+        if evaluate is not None and eval_every > 0 and ((step + 1) % eval_every == 0 or step + 1 == stage.steps):
+            evaluate(model, step + 1)
+            model.train()
         if env.is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == stage.steps):
             rec = dict(stage=name, step=step + 1, loss=total, lr=lr, grad_norm=float(norm),
                        tokens_per_s=tokens / (time.perf_counter() - t0))
@@ -474,7 +514,7 @@ def plot_losses(log_paths: dict, png_path: str, size=(720, 400)):
         if len(pts) > 1:
             draw.line(pts, fill=colors[k % len(colors)], width=2)
         draw.text((x0 + 4, y0 - 14), f"{name} loss", fill="black")
-        draw.text((x0 - 2, y0 + 2), f"{hi:.3g}", fill="gray")
-        draw.text((x0 - 2, y1 - 12), f"{lo:.3g}", fill="gray")
+        draw.text((x0 + 4, y0 + 2), f"{hi:.3g}", fill="gray")
+        draw.text((x0 + 4, y1 - 12), f"{lo:.3g}", fill="gray")
         draw.text((x1 - 60, y1 + 4), f"step {steps[-1]}", fill="gray")
     img.save(png_path)

@@ -1,0 +1,251 @@
+"""train_clip.py on configs/tiny.yaml: both text modes learn (loss falls, held-out image -> report R@5
+far above chance) and reload to the same retrieval; torchrun with 2 processes equals 1 process with
+the same global batch; the frozen-embedding cache is built once, reused, and rebuilt when the
+encoder or the reports change; a crashed run resumes exactly."""
+import functools
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import data
+import evaluate
+import losses
+import model as M
+import train_clip
+import train_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+QUICK = ["clip.optim.steps=6", "clip.train_n=64", "clip.val_n=16", "clip.test_n=16", "clip.optim.batch_size=8",
+         "train.ckpt_every=2", "data.test_styles=[mimic]"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tokenizer_read_once():
+    """tiny.yaml's tokenizer is SmolLM2's, parsed from the 93 MB GGUF in seconds: once per file is enough."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M, "load_tokenizer", functools.lru_cache(M.load_tokenizer))
+        yield
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, tokenizer_read_once):
+    """The tiny stage-1 encoder, trained once for the whole file, and the synthetic images drawn once."""
+    out = tmp_path_factory.mktemp("stage1")
+    train_text.main([TINY, f"out_dir={out}", "text.eval_reports=8"])
+    c, d = train_clip.load_config(TINY).clip, train_clip.load_config(TINY).data
+    for n, split in ((c.train_n, "train"), (c.val_n, "val"), (c.test_n, "test")):
+        data.SyntheticStudies(n, 0, d.image_size, split=split, cache_dir=str(out / "clip" / "cache"))
+    return out
+
+
+def fresh(stage1, out_dir, cache_from=None):
+    """A new out_dir holding the stage-1 encoder and the drawn images (or all of another run's caches)."""
+    shutil.copytree(stage1 / "text", out_dir / "text")
+    shutil.copytree((cache_from or stage1) / "clip" / "cache", out_dir / "clip" / "cache")
+    return out_dir
+
+
+def run(out_dir, *overrides):
+    return train_clip.main([TINY, f"out_dir={out_dir}", *overrides])
+
+
+def logged(out_dir):
+    with open(out_dir / "clip" / "log.jsonl") as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}  # a resumed run's later lines win
+
+
+def reloaded_retrieval(out_dir, n):
+    """Test-split retrieval (mimic style) through load_clip_model + image_features, as evaluate.py does it."""
+    clip_dir = str(out_dir / "clip")
+    model, text_fn = train_clip.load_clip_model(clip_dir)
+    spec = json.load(open(os.path.join(clip_dir, "clip.json")))
+    studies = data.SyntheticStudies(n, 0, spec["image"]["size"], split="test",
+                                    transform=data.ImageTransform(**spec["image"]))
+    image_f, kept = train_clip.image_features(model, studies)
+    texts = [studies.report(i, "mimic").text() for i in kept.tolist()]
+    return evaluate.image_text_retrieval(image_f, text_fn(texts), evaluate.report_keys(texts))
+
+
+def assert_same_retrieval(reloaded, trained):
+    for direction in ("image_to_text", "text_to_image"):
+        for metric in ("R@1", "R@5", "R@10", "mean_rank"):
+            assert abs(reloaded[direction][metric] - trained[direction][metric]) < 1e-9, (direction, metric)
+
+
+def test_tiny_frozen_end_to_end(stage1, tmp_path):
+    """configs/tiny.yaml as it is: the frozen text tower learns, generalises to held-out studies in
+    every report style, and the saved model reloads to the same retrieval."""
+    out = fresh(stage1, tmp_path)
+    model, results = run(out)
+    loss = list(logged(out).values())
+    assert sum(loss[-10:]) / 10 < sum(loss[:10]) / 10 - 0.3, f"loss did not fall: {loss}"
+    for name in ("model.safetensors", "clip.json", "eval.json", "eval.md", "loss.png", "val.jsonl", "config.yaml"):
+        assert os.path.exists(out / "clip" / name), name
+    # 200 held-out studies, ~130 distinct reports per style. Mean rank is the steady statistic (R@5 of
+    # 200 queries moves by +-2.5 points between seeds); R@5 is checked pooled over the three styles.
+    tests = [results[f"test/{style}"] for style in ("mimic", "openi", "shorthand")]
+    for r in tests:
+        print(r)
+        for direction in ("image_to_text", "text_to_image"):
+            assert r[direction]["mean_rank"] <= 0.8 * r["chance"]["mean_rank"], (direction, r)
+    pooled = lambda f: sum(map(f, tests)) / len(tests)
+    assert pooled(lambda r: r["image_to_text"]["R@5"]) >= 2 * pooled(lambda r: r["chance"]["R@5"])
+    assert_same_retrieval(reloaded_retrieval(out, 200), results["test/mimic"])
+
+
+def test_tiny_lora_fits_and_reloads(stage1, tmp_path):
+    """LoRA text tower, a few steps on 32 pairs: it fits them (gradients reach LoRA and the heads),
+    and the saved LoRA + heads + ViT reload to the same retrieval."""
+    out = fresh(stage1, tmp_path)
+    model, results = run(out, "clip.text_mode=lora", "clip.optim.steps=60", "clip.optim.lr=3e-3", "clip.train_n=32",
+                         "clip.val_n=16", "clip.test_n=32", "train.log_every=1")
+    loss = list(logged(out).values())
+    assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.3, f"loss did not fall: {loss}"
+    assert any(".lora_A." in k for k in load_file(str(out / "clip" / "model.safetensors")))
+    assert_same_retrieval(reloaded_retrieval(out, 32), results["test/mimic"])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(stage1, tmp_path):
+    """torchrun --nproc_per_node=2 with batch b per rank == 1 process with batch 2b: the same batches
+    (rank r takes the r-th half of each global batch), features gathered for the loss, DDP-averaged
+    gradients. Frozen mode: in LoRA mode the dropout masks are drawn per rank and cannot match.
+
+    The attention key biases are left out of the weight comparison: their exact gradient is zero
+    (a bias added to every key shifts all of a query's logits equally, softmax ignores it), so what
+    each run computes is rounding noise, which Adam divides by its own size into steps of ~lr/100."""
+    args = ["clip.optim.steps=4", "clip.train_n=64", "clip.val_n=8", "clip.test_n=8", "train.ckpt_every=100",
+            "data.test_styles=[mimic]", "train.log_every=1", "clip.optim.warmup_steps=1", "clip.optim.lr=1e-3"]
+    one = fresh(stage1, tmp_path / "one")
+    run(one, *args, "clip.optim.batch_size=16")
+    two = fresh(stage1, tmp_path / "two", cache_from=one)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                    os.path.join(ROOT, "train_clip.py"), TINY, f"out_dir={two}", *args, "clip.optim.batch_size=8"],
+                   check=True, cwd=ROOT, env=env, timeout=300)
+    a, b = logged(one), logged(two)
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    loss_diff = max(abs(a[k] - b[k]) for k in a)
+    wa, wb = load_file(str(one / "clip" / "model.safetensors")), load_file(str(two / "clip" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    diff = {k: (wa[k] - wb[k]).abs().max().item() for k in wa}
+    weight_diff = max(d for k, d in diff.items() if not k.endswith("k_proj.bias"))
+    moved = max((wa[k] - w0).abs().max().item() for k, w0 in initial_weights(one).items())
+    print(f"1 vs 2 processes: max loss difference {loss_diff:.2e}, max weight difference {weight_diff:.2e} "
+          f"(key biases {max(d for k, d in diff.items() if k.endswith('k_proj.bias')):.2e}; "
+          f"weights moved up to {moved:.2e})")
+    assert loss_diff <= 1e-5 and weight_diff <= 1e-5
+    assert moved > 1e-3  # the comparison is not vacuous
+
+
+def initial_weights(out_dir):
+    """The model's trainable weights before any step: the same construction, seeded as in main."""
+    spec = json.load(open(out_dir / "clip" / "clip.json"))
+    torch.manual_seed(spec["seed"])
+    m = M.CLIPModel(M.ViT(M.VisionConfig(**spec["vision"])), spec["embed_dim"], text_mode="frozen",
+                    text_dim=spec["text_dim"])
+    return {k: v.detach() for k, v in m.named_parameters()}
+
+
+def test_frozen_embedding_cache_built_reused_rebuilt(stage1, tmp_path, monkeypatch):
+    out = fresh(stage1, tmp_path)
+    loads, real = [0], train_clip.load_text_encoder
+
+    def counting(*a, **k):
+        loads[0] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(train_clip, "load_text_encoder", counting)
+    cache = out / "clip" / "cache"
+    embedding_files = lambda: sorted(p for p in os.listdir(cache) if p.startswith("emb-"))
+
+    run(out, *QUICK)
+    assert loads[0] == 1 and len(embedding_files()) == 1
+    path = cache / embedding_files()[0]
+    stamp, rows = os.stat(path).st_mtime_ns, len(load_file(str(path))["keys"])
+
+    run(out, *QUICK, "train.resume=none")  # the same reports: read back, the encoder not even loaded
+    assert loads[0] == 1 and os.stat(path).st_mtime_ns == stamp
+
+    run(out, *QUICK, "train.resume=none", "clip.val_n=24")  # new reports: appended to the same file
+    assert loads[0] == 2 and embedding_files() == [path.name]
+    assert len(load_file(str(path))["keys"]) > rows
+
+    adapter = out / "text" / "contrastive" / "adapter" / "adapter_model.safetensors"
+    w = load_file(str(adapter))  # a retrained stage-1 encoder: a new id, a new cache file
+    save_file({k: v + 0.01 for k, v in w.items()}, str(adapter))
+    with pytest.raises(ValueError, match="changed since"):
+        train_clip.load_clip_model(str(out / "clip"))  # the CLIP model no longer fits that encoder
+    run(out, *QUICK, "train.resume=none")
+    assert loads[0] == 3 and len(embedding_files()) == 2
+
+
+def test_missing_stage1_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run train_text.py"):
+        run(tmp_path, *QUICK)
+
+
+def test_crash_and_resume_is_exact(stage1, tmp_path, monkeypatch):
+    """A run killed mid-way and resumed equals one uninterrupted run: logged losses and final weights."""
+    straight = fresh(stage1, tmp_path / "straight")
+    run(straight, *QUICK, "train.log_every=1")
+
+    calls, real = [0], losses.clip_loss
+
+    def crash_on_fourth_step(*a, **k):
+        calls[0] += 1
+        if calls[0] == 4:  # checkpoint at step 2 exists, step 3 done but not saved
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+    resumed = fresh(stage1, tmp_path / "resumed", cache_from=straight)
+    monkeypatch.setattr(losses, "clip_loss", crash_on_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(resumed, *QUICK, "train.log_every=1")
+    monkeypatch.setattr(losses, "clip_loss", real)
+    run(resumed, *QUICK, "train.log_every=1")
+
+    assert logged(straight) == logged(resumed)
+    wa = load_file(str(straight / "clip" / "model.safetensors"))
+    wb = load_file(str(resumed / "clip" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_real_image_report_pairs_with_unreadable_images(stage1, tmp_path, capsys):
+    """clip.images=real reads a user's CSV of (image, report) through data.ImageReportDataset; unreadable
+    images (missing, corrupt) are replaced in training and left out of evaluation, and counted."""
+    from PIL import Image
+    rows, bad_train = ["study_id,image,report"], 0
+    for i in range(80):
+        image, labels = data.synth_study(0, i, 64)
+        report = data.synth_report(labels, "mimic", __import__("numpy").random.default_rng(i)).text()
+        sid, name = f"s{i}", f"s{i}.png"
+        if i % 10 == 3:   # missing
+            bad_train += data.split_of(sid) == "train"
+        elif i % 10 == 7:  # corrupt
+            (tmp_path / name).write_bytes(b"not a png")
+            bad_train += data.split_of(sid) == "train"
+        else:
+            Image.fromarray(image).save(tmp_path / name)
+        rows.append(f'{sid},{name},"{report}"')
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    out = fresh(stage1, tmp_path / "run")
+    _, results = run(out, "clip.images=real", "data.source=pairs", f"data.path={tmp_path / 'pairs.csv'}",
+                     "clip.optim.steps=8", "clip.optim.batch_size=8")
+    replaced = re.search(r"(\d+) unreadable training images were replaced", capsys.readouterr().out)
+    assert bad_train and replaced and int(replaced[1]) >= bad_train  # each once per epoch, and spares that fail
+    assert set(results) == {"val/pairs", "test/pairs"}
+    n_bad = {s: sum(data.split_of(f"s{i}") == s for i in range(80) if i % 10 in (3, 7)) for s in ("val", "test")}
+    assert all(results[f"{s}/pairs"]["unreadable"] == n_bad[s] for s in n_bad)
