@@ -23,12 +23,28 @@ Conventions used throughout:
 
 Run: python evaluate.py configs/small.yaml   (see the command at the bottom)
 """
+import base64
+import functools
+import io
 import json
+import os
+import random
+import re
+import sys
+import textwrap
+import time
+from dataclasses import asdict, replace
+from html import escape
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import model
+from runtime import build_llm, load_config, load_text_encoder, setup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,9 +101,10 @@ def retrieval_ranks(query_emb, gallery_emb, query_keys=None, gallery_keys=None,
             scores = torch.full((len(scores), n_keys), -torch.inf, device=g.device) \
                 .scatter_reduce_(1, index, scores, "amax")
             own = scores.gather(1, query_ids[start:start + chunk_size, None])[:, 0]
-        # >= counts the query's own entry (the "1 +") and every wrong entry that ties or beats it
-        ranks.append((scores >= own[:, None]).sum(1).cpu())
-    return torch.cat(ranks)
+        # >= counts the query's own entry (the "1 +") and every wrong entry that ties or beats it;
+        # an int32 sum, since a plain sum of the (c, G) mask first copies it to int64 (8 bytes each)
+        ranks.append((scores >= own[:, None]).sum(1, dtype=torch.int32).cpu())
+    return torch.cat(ranks).long()
 
 
 def summarize_ranks(ranks, ks=(1, 5, 10)):
@@ -320,9 +337,10 @@ def build_text_cases(reports, rng, n=None):
     cases = {task: [] for task in CASE_KEYS}
     for report in reports:
         variants = data.make_variants(report, rng)
-        if variants.get("abbreviated") and variants.get("expanded") \
-                and variants["abbreviated"] != variants["expanded"]:  # else nothing to understand
-            cases["acronym"].append(case(variants["abbreviated"], variants["expanded"]))
+        # make_variants leaves out "expanded" when it equals the report (no abbreviations to expand)
+        expanded = variants.get("expanded") or report.text()
+        if variants.get("abbreviated") and variants["abbreviated"] != expanded:  # else nothing to understand
+            cases["acronym"].append(case(variants["abbreviated"], expanded))
         styles = [s for s in PARAPHRASE_STYLES if variants.get(s) and variants[s] != report.text()]
         if styles:
             cases["paraphrase"].append(case(variants[rng.choice(styles)], report.text()))
@@ -418,3 +436,334 @@ def write_results(results, out_dir, name):
 
 
 # --- command ---
+# python evaluate.py CONFIG [key=value ...] evaluates what the config's runs saved under out_dir:
+# 1. every text encoder in eval.models on the report tasks above, built from the TEST split of
+#    data.source (real Open-I by default), or read from the eval.cases files;
+# 2. when train_clip.py has saved out_dir/clip, the CLIP model on synthetic test studies: image <->
+#    report retrieval in each data.test_styles style and zero-shot AUROC per CheXpert label.
+# It writes out_dir/eval/: results.json (everything), results.md (the tables, also printed), and
+# pictures of what was retrieved: retrieval.html (self-contained) and a PNG contact sheet per model.
+
+RAW_MODELS = ("raw", "raw_bidirectional")
+HEADLINE = [("acronym", "R@1"), ("acronym", "R@5"), ("paraphrase", "R@1"), ("paraphrase", "R@5"),
+            ("summarisation", "R@1"), ("summarisation", "R@5"), ("error", "top1_accuracy"),
+            ("clinical", "label_f1")]
+MERGE_NOTES = {  # eval.merge: which reports count as a hit in image <-> report retrieval
+    "text": "identical normalised reports are one gallery entry, a hit for every image whose report "
+            "it is (evaluate.report_keys)",
+    "text+labels": "reports with identical normalised text and identical labels are one entry",
+    "none": "only an image's own report is a hit; identical reports are not merged"}
+
+
+def text_dir_of(name, cfg):
+    """The stage-1 folder of an eval.models entry: "trained" is out_dir/text; any other entry is a
+    path, to a text/ folder or to an out_dir holding one."""
+    path = os.path.join(cfg.out_dir, "text") if name == "trained" else name
+    if not os.path.exists(os.path.join(path, "encoder.json")) \
+            and os.path.exists(os.path.join(path, "text", "encoder.json")):
+        path = os.path.join(path, "text")
+    return path
+
+
+def check_eval_config(cfg):
+    """Fail before anything slow runs, naming the bad entry."""
+    e = cfg.eval
+    for name in e.models:
+        path = text_dir_of(name, cfg)
+        if name not in RAW_MODELS and not os.path.exists(os.path.join(path, "encoder.json")):
+            hint = "run train_text.py with this config first" if name == "trained" else \
+                f"not one of {', '.join(RAW_MODELS)}, trained, or a folder with encoder.json"
+            raise FileNotFoundError(f"eval.models entry {name!r}: {os.path.join(path, 'encoder.json')!r} "
+                                    f"not found ({hint})")
+    for task, path in e.cases.items():
+        if task not in CASE_KEYS:
+            raise ValueError(f"eval.cases: unknown task {task!r}; valid: {', '.join(CASE_KEYS)}")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"eval.cases.{task}: {path!r} not found")
+    if e.merge not in MERGE_NOTES:
+        raise ValueError(f"eval.merge must be one of {', '.join(MERGE_NOTES)}, got {e.merge!r}")
+
+
+def load_encoder(name, cfg, device):
+    """(TextEncoder, tokenizer, ModelConfig) of an eval.models entry. "raw" is the paper's
+    baseline: the untrained LLM run causally, as it was pre-trained, mean-pooled; "raw_bidirectional"
+    drops the causal mask before any training (LLM2Vec's step 1 alone)."""
+    if name not in RAW_MODELS:
+        return load_text_encoder(text_dir_of(name, cfg), device)
+    mcfg = replace(cfg.model, pooling="mean")  # an untrained latent-attention pooler would be noise
+    llm, tokenizer = build_llm(mcfg, cfg.seed, device)
+    return model.TextEncoder(llm, "mean", causal=name == "raw").eval(), tokenizer, mcfg
+
+
+def cached_embed(embed, name, batch_size):
+    """embed(texts) that encodes each distinct text once, shortest first so that a batch holds
+    texts of similar length (little padding), with a tqdm bar. The tasks share many texts: the
+    findings of summarisation and error discrimination, the true impressions of both."""
+    cache = {}
+
+    def cached(texts):
+        new = sorted({t for t in texts if t not in cache}, key=lambda t: (len(t), t))
+        with tqdm(total=len(new), desc=f"embedding ({name})", unit="text", disable=not new) as bar:
+            for i in range(0, len(new), batch_size):
+                batch = new[i:i + batch_size]
+                cache.update(zip(batch, embed(batch)))
+                bar.update(len(batch))
+        return torch.stack([cache[t] for t in texts])
+    return cached
+
+
+def text_cases(cfg):
+    """{task: [case]} from the test split of data.source (eval.max_reports of them, 0 = all), each
+    task replaced by its eval.cases file where given; and {task: where its cases came from}."""
+    import train_text  # it imports this module: not at the top
+    cases = {task: [] for task in CASE_KEYS}
+    source = f"the {cfg.data.source} test split"
+    if set(cfg.eval.cases) != set(CASE_KEYS):
+        reports = train_text.load_reports(cfg)["test"]
+        cases = build_text_cases(reports, random.Random(cfg.seed), cfg.eval.max_reports or None)
+        source += f" ({min(len(reports), cfg.eval.max_reports or len(reports))} reports)"
+    for task, path in cfg.eval.cases.items():
+        cases[task] = read_cases_jsonl(path, task)
+    return cases, {task: cfg.eval.cases.get(task, source) for task in cases}
+
+
+def merged_gallery(answers, keys):
+    """One gallery entry per key (its first answer), as text_retrieval_task ranks them."""
+    first = {}
+    for answer, key in zip(answers, keys):
+        first.setdefault(key, answer)
+    return list(first.values()), list(first)
+
+
+def evaluate_text_model(embed, cases, examples, k=5):
+    """All text tasks; clinical similarity of each summarisation query's top-1 impression; and the
+    top-k of the sampled summarisation queries in `examples`, for the pictures."""
+    import data
+    results = evaluate_text_tasks(embed, cases)
+    summ, rows = cases["summarisation"], []
+    if summ:
+        answers = [c["answer"] for c in summ]
+        gallery, keys = merged_gallery(answers, [c.get("key", c["answer"]) for c in summ])
+        scores, idx = topk_retrieve(embed([c["query"] for c in summ]), embed(gallery), k)
+        label = functools.lru_cache(maxsize=None)(data.label_report)  # gallery reports recur
+        results["clinical"] = clinical_similarity([gallery[i] for i in idx[:, 0]], answers, label)
+        for q in examples:
+            key = summ[q].get("key", summ[q]["answer"])
+            rows.append({"query": summ[q]["query"], "truth": summ[q]["answer"],
+                         "hits": [(gallery[j], s, keys[j] == key)
+                                  for s, j in zip(scores[q].tolist(), idx[q].tolist())]})
+    return results, rows
+
+
+def headline(results):
+    """The table's columns: the number the paper reports for each task, and its R@5."""
+    return {f"{task} {metric}": results.get(task, {}).get(metric) for task, metric in HEADLINE}
+
+
+# ---- stage 2: the CLIP model on synthetic test studies ----
+
+def evaluate_clip(cfg, env, clip_dir):
+    """Image <-> report retrieval per test style and zero-shot AUROC per label on train_clip.py's
+    synthetic test studies (clip.test_n; the same images in every style, only the reports change);
+    plus the top-5 of sampled image queries per style, for the pictures."""
+    import data
+    import train_clip  # it imports this module: not at the top
+    e = cfg.eval
+    clip_model, text_fn = train_clip.load_clip_model(clip_dir, env.device, env.precision)
+    with open(os.path.join(clip_dir, "clip.json")) as f:
+        image = json.load(f)["image"]  # the size and normalisation the image tower was trained with
+    studies = data.SyntheticStudies(cfg.clip.test_n, cfg.seed, image["size"], cfg.data.test_styles, "test",
+                                    data.ImageTransform(**image), os.path.join(clip_dir, "cache"))
+    image_emb, kept = train_clip.image_features(clip_model, studies, precision=env.precision)  # (N, e)
+    kept = kept.tolist()
+    labels = [studies.labels(i)["chexpert"] for i in kept]
+    out = {"studies": len(kept), "merge": e.merge, "merge_note": MERGE_NOTES[e.merge], "styles": {}}
+    pick = np.random.default_rng(cfg.seed).choice(len(kept), min(e.n_examples, len(kept)), replace=False)
+    examples = {}
+    for style in cfg.data.test_styles:
+        texts = [studies.report(i, style).text() for i in kept]
+        text_emb = text_fn(texts)  # (N, e)
+        keys = None if e.merge == "none" else report_keys(texts, labels if e.merge == "text+labels" else None)
+        out["styles"][style] = image_text_retrieval(image_emb, text_emb, keys, ks=(1, 5, 10))
+        keys = keys or list(range(len(texts)))  # merge none: every report is its own entry
+        out["styles"][style]["gallery_entries"] = len(set(keys))  # chance R@k = k / this
+        gallery, gallery_keys = merged_gallery(range(len(texts)), keys)  # indices into texts
+        scores, idx = topk_retrieve(image_emb[pick], text_emb[gallery], 5)
+        examples[style] = [{"image": studies.image(kept[q]), "truth": texts[q],
+                            "hits": [(texts[gallery[j]], s, gallery_keys[j] == keys[q])
+                                     for s, j in zip(scores[r].tolist(), idx[r].tolist())]}
+                           for r, q in enumerate(pick.tolist())]
+    pos, neg = (text_fn([pair[side] for pair in ZERO_SHOT_PROMPTS.values()]) for side in (0, 1))
+    truth = np.array([[l[name] for name in ZERO_SHOT_PROMPTS] for l in labels])  # (N, 14)
+    out["zero_shot"] = zero_shot_classify(image_emb, pos, neg, truth, n_boot=e.n_boot, seed=cfg.seed)
+    return out, examples
+
+
+# ---- pictures: what each model retrieved ----
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _wrap(text, font, width, max_lines):
+    chars = max(8, int(width / (font.getlength("abcdefghij klmnopqrstuvwxyz") / 27)))
+    lines = textwrap.wrap(text, chars)
+    return lines[:max_lines - 1] + ["..."] if len(lines) > max_lines else lines
+
+
+def contact_sheet(title, rows, query_w=320, hit_w=250, row_h=180, thumb=120):
+    """A PIL image: per row the query (image, or text), its true report, and its top-5 with
+    similarities, correct reports framed and tinted green."""
+    font, small, line = _font(13), _font(11), 15  # multiline_text: 11 px glyphs + 4 px spacing
+    k = max((len(r["hits"]) for r in rows), default=5)
+    sheet = Image.new("RGB", (query_w + k * hit_w + 10, 40 + len(rows) * row_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((10, 10), title, fill="black", font=font)
+    lines = lambda text, width, height: "\n".join(_wrap(text, small, width, height // line))
+    for r, row in enumerate(rows):
+        y = 40 + r * row_h
+        if row.get("image") is not None:  # the image, its report beside it
+            sheet.paste(Image.fromarray(row["image"]).convert("RGB").resize((thumb, thumb)), (10, y))
+            draw.multiline_text((thumb + 18, y), lines("TRUE: " + row["truth"], query_w - thumb - 30, row_h - 10),
+                                fill="#555555", font=small)
+        else:  # the query text, its true answer below it
+            draw.multiline_text((10, y), lines("QUERY: " + row["query"], query_w - 20, 7 * line),
+                                fill="black", font=small)
+            draw.multiline_text((10, y + 7 * line + 4), lines("TRUE: " + row["truth"], query_w - 20,
+                                                               row_h - 7 * line - 14), fill="#555555", font=small)
+        for j, (text, score, correct) in enumerate(row["hits"]):
+            x0 = query_w + j * hit_w
+            draw.rectangle([x0, y, x0 + hit_w - 8, y + row_h - 10], fill="#dcf5dc" if correct else "#f4f4f4",
+                           outline="#1a9c1a" if correct else "#bbbbbb", width=3 if correct else 1)
+            draw.text((x0 + 6, y + 4), f"#{j + 1}  sim {score:.3f}" + ("  correct" if correct else ""),
+                      fill="#1a7a1a" if correct else "black", font=font)
+            draw.multiline_text((x0 + 6, y + 24), lines(text, hit_w - 20, row_h - 40), fill="black", font=small)
+        draw.line([(0, y + row_h - 3), (sheet.width, y + row_h - 3)], fill="#dddddd")
+    return sheet
+
+
+def _png_base64(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def retrieval_html(sections, note):
+    """One self-contained page (images inlined as base64 PNG): a table per model."""
+    parts = ["<!doctype html><meta charset='utf-8'><title>What was retrieved</title><style>"
+             "body{font:14px sans-serif;margin:20px} td{vertical-align:top;padding:6px;"
+             "border:1px solid #ccc;width:16%} .hit{background:#f6f6f6} .correct{background:#dcf5dc;"
+             "border:3px solid #1a9c1a} .sim{font-weight:bold} .truth{color:#555}</style>",
+             f"<h1>What was retrieved</h1><p>{escape(note)}</p>"]
+    for _, title, rows in sections:
+        parts.append(f"<h2>{escape(title)}</h2><table>")
+        for row in rows:
+            if row.get("image") is not None:
+                query = f"<img width=160 src='data:image/png;base64,{_png_base64(Image.fromarray(row['image']))}'>"
+            else:
+                query = f"<b>query</b>: {escape(row['query'])}"
+            cells = [f"<td>{query}<p class=truth><b>true</b>: {escape(row['truth'])}</p></td>"]
+            cells += [f"<td class='{'hit correct' if ok else 'hit'}'><span class=sim>#{j + 1} "
+                      f"sim {s:.3f}{' correct' if ok else ''}</span><br>{escape(text)}</td>"
+                      for j, (text, s, ok) in enumerate(row["hits"])]
+            parts.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append("</table>")
+    return "\n".join(parts) + "\n"
+
+
+def _slug(name):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+# ---- the command ----
+
+def markdown_report(results, n_boot):
+    """The tables of results.md: text encoders, error kinds, and the CLIP model if there is one."""
+    text, clip = results["text"], results["clip"]
+    by_source = {}
+    for task, c in text["cases"].items():
+        by_source.setdefault(c["from"], []).append(f"{task} {c['n']}")
+    md = ["## Text encoders on the report tasks\n\nCases: "
+          + "; ".join(f"{', '.join(tasks)} from {source}" for source, tasks in by_source.items()) + ".\n\n",
+          results_table({name: headline(r) for name, r in text["models"].items()})]
+    per_kind = {name: {kind: v["pairwise_accuracy"] for kind, v in r["error"]["per_kind"].items()}
+                for name, r in text["models"].items() if "error" in r}
+    if per_kind:
+        md += ["\nError discrimination, pairwise accuracy per error kind (chance 50 %):\n\n",
+               results_table(per_kind)]
+    if "skipped" in clip:
+        return "".join(md) + f"\n(image side skipped: {clip['skipped']})\n"
+    directions = (("image_to_text", "image->report"), ("text_to_image", "report->image"))
+    md += [f"\n## CLIP: image <-> report retrieval on {clip['studies']} synthetic test studies, their "
+           f"reports in each style\n\nMulti-positive ({clip['merge']}): {clip['merge_note']}.\n\n",
+           results_table({style: {f"{d} {m}": r[direction][m] for direction, d in directions
+                                  for m in ("R@1", "R@5", "R@10", "mean_rank", "median_rank")}
+                          | {"gallery entries": r["gallery_entries"]}
+                          for style, r in clip["styles"].items()}),
+           f"\nZero-shot classification (CheXzero prompts), AUROC with bootstrap 95 % CI ({n_boot} "
+           f"resamples); mean AUROC {_cell(clip['zero_shot']['mean_auroc'])}:\n\n",
+           results_table({name: {"AUROC": v["auroc"], "95% CI": None if v["auroc"] is None else
+                                 f"{v['ci_low']:.3f}-{v['ci_high']:.3f}", "positives": v["n_pos"],
+                                 "negatives": v["n_neg"]}
+                          for name, v in clip["zero_shot"]["per_label"].items()})]
+    return "".join(md)
+
+
+def main(argv):
+    from train_text import make_embed  # it imports this module: not at the top
+    cfg = load_config(argv[0], argv[1:])
+    env, e = setup(cfg), cfg.eval
+    check_eval_config(cfg)
+    out_dir = Path(cfg.out_dir) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # 1. text encoders: the same cases and the same sampled queries for every model
+    cases, sources = text_cases(cfg)
+    n_summ = len(cases["summarisation"])
+    examples = sorted(np.random.default_rng(cfg.seed).choice(n_summ, min(e.n_examples, n_summ),
+                                                              replace=False).tolist())
+    text, sections = {}, []  # sections: (file name, title, rows) of the pictures
+    for name in e.models:
+        t0 = time.perf_counter()
+        encoder, tokenizer, mcfg = load_encoder(name, cfg, env.device)
+        embed = cached_embed(make_embed(encoder, tokenizer, replace(cfg, model=mcfg), env, e.batch_size),
+                             name, e.batch_size)
+        text[name], rows = evaluate_text_model(embed, cases, examples)
+        text[name]["seconds"] = time.perf_counter() - t0
+        sections.append((name, f"{name}: summarisation, FINDINGS -> top-5 of all IMPRESSIONS", rows))
+        del encoder, embed
+    results = {"text": {"cases": {t: {"n": len(cs), "from": sources[t]} for t, cs in cases.items()},
+                        "models": text}}
+
+    # 2. the CLIP model, once train_clip.py has saved it
+    clip_dir = os.path.join(cfg.out_dir, "clip")
+    if os.path.exists(os.path.join(clip_dir, "clip.json")):
+        results["clip"], clip_examples = evaluate_clip(cfg, env, clip_dir)
+        sections += [(f"clip_{style}", f"CLIP, {style} reports: image -> top-5 reports", rows)
+                     for style, rows in clip_examples.items()]
+    else:
+        results["clip"] = {"skipped": f"{clip_dir}/clip.json not found: run train_clip.py with this config"}
+    results["config"] = asdict(cfg)
+
+    table = markdown_report(results, e.n_boot)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(table)
+    note = ("Sampled queries and their top-5; green = correct. Identical normalised reports are one "
+            "entry (image side: as eval.merge says), so a correct hit can be another study's report "
+            "with the same text.")
+    (out_dir / "retrieval.html").write_text(retrieval_html(sections, note))
+    for name, title, rows in sections:
+        contact_sheet(title, rows).save(out_dir / f"retrieval_{_slug(name)}.png")
+    print(table)
+    print(f"written to {out_dir}/: results.json, results.md, retrieval.html, "
+          + ", ".join(f"retrieval_{_slug(name)}.png" for name, _, _ in sections))
+    return results
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python evaluate.py CONFIG.yaml [key=value ...]")
+    main(sys.argv[1:])

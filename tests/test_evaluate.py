@@ -5,6 +5,7 @@ import json
 import random
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -410,7 +411,11 @@ def test_build_text_cases_with_real_data_module():
     reports = [data.Report(study_id=str(i), findings=findings,
                            impression="Small left pleural effusion.")
                for i in range(5)]
-    check_cases(ev.build_text_cases(reports, np.random.default_rng(0)), data)
+    cases = ev.build_text_cases(reports, np.random.default_rng(0))
+    check_cases(cases, data)
+    # nothing here is abbreviated, so make_variants has no "expanded" variant: the report itself
+    # is the expanded answer of its abbreviated rewrite
+    assert [c["answer"] for c in cases["acronym"]] == [r.text() for r in reports]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,3 +434,140 @@ def test_write_results(tmp_path):
         "|---|---|---|---|---|",
         "| raw | 12.35 | merged_by_key | - | - |",
         "| trained | 61.1 | - | - | 200 |"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command, on what train_text.py and train_clip.py write for configs/tiny.yaml
+# ---------------------------------------------------------------------------------------------
+
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+# just enough training to write every file the command reads; the numbers are not the point
+QUICK_TEXT = ["text.stages=[contrastive]", "text.contrastive.steps=2", "text.eval_reports=4"]
+QUICK_CLIP = ["clip.optim.steps=3", "clip.train_n=32", "clip.val_n=16", "clip.test_n=24",
+              "clip.optim.batch_size=8"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tokenizer_parsed_once():
+    """Rebuilding SmolLM2's tokenizer from its GGUF costs ~3 s of CPU, and every model load below
+    does it; the tokenizer is never modified, so the module shares one."""
+    import functools
+    import model
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model, "load_tokenizer", functools.lru_cache(maxsize=None)(model.load_tokenizer))
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """out_dir of a tiny stage-1 run, and of stage 2 when train_clip.py exists (else a skip reason)."""
+    import train_text
+    out = tmp_path_factory.mktemp("tiny")
+    train_text.main([TINY, f"out_dir={out}", *QUICK_TEXT])
+    try:
+        import train_clip
+    except ImportError as e:
+        return out, f"train_clip.py cannot be imported ({e}): the image side is untested"
+    train_clip.main([TINY, f"out_dir={out}", *QUICK_TEXT, *QUICK_CLIP])
+    return out, None
+
+
+def test_command_writes_tables_and_pictures(tiny_run):
+    out, clip_skip = tiny_run
+    results = ev.main([TINY, f"out_dir={out}", *QUICK_CLIP, "eval.n_boot=20"])
+    files = {p.name for p in (out / "eval").iterdir()}
+    assert {"results.json", "results.md", "retrieval.html", "retrieval_raw.png",
+            "retrieval_trained.png"} <= files
+    assert json.loads((out / "eval" / "results.json").read_text())["text"] == results["text"]
+    table = (out / "eval" / "results.md").read_text()
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    assert rows.count("raw") == 2 and rows.count("trained") == 2  # the headline and error-kind tables
+    for name in ("raw", "trained"):
+        r = results["text"]["models"][name]
+        assert {"acronym", "paraphrase", "summarisation", "error", "clinical"} <= set(r)
+        assert 0 <= r["clinical"]["label_f1"] <= 1 and r["error"]["n_cases"] > 0
+    html = (out / "eval" / "retrieval.html").read_text()
+    n_examples = ev.load_config(TINY).eval.n_examples
+    assert html.count("<tr>") >= 2 * n_examples  # the sampled queries of both models
+    from PIL import Image
+    with Image.open(out / "eval" / "retrieval_trained.png") as im:
+        assert im.size[0] > 1000 and im.size[1] > 8 * 150
+    if clip_skip:
+        pytest.skip(clip_skip)
+    # the image side: a picture per test style, and the same numbers as train_clip.py's own
+    # evaluation of the test split (a separate code path: train_clip.evaluate_split)
+    clip, styles = results["clip"], ev.load_config(TINY).data.test_styles
+    assert {f"retrieval_clip_{s}.png" for s in styles} <= files and "data:image/png;base64," in html
+    own = json.loads((out / "clip" / "eval.json").read_text())
+    for style in styles:
+        for direction in ("image_to_text", "text_to_image"):
+            for metric in ("R@1", "R@5", "R@10", "mean_rank"):
+                assert clip["styles"][style][direction][metric] == pytest.approx(
+                    own[f"test/{style}"][direction][metric]), (style, direction, metric)
+        assert clip["styles"][style]["image_to_text"]["multi_positive"] == "merged_by_key"
+    assert len(clip["zero_shot"]["per_label"]) == 14 and "Multi-positive (text)" in table
+
+
+def test_command_reads_case_files_and_compares_checkpoints(tiny_run, tmp_path):
+    """Prepared cases, whose results follow from the texts alone: a query equal to its answer has
+    cosine 1; a wrong impression equal to the true one ties it, and ties count as losses."""
+    out, _ = tiny_run
+    files = {
+        # the key makes "Cardiomegaly." the same gallery entry as "Small left effusion." (its first
+        # answer): query 2 finds it at rank 1, but its labels differ from the true answer's
+        "summarisation": [{"query": "Small left effusion.", "answer": "Small left effusion.", "key": "a"},
+                          {"query": "Small left effusion.", "answer": "Cardiomegaly.", "key": "a"},
+                          {"query": "No pneumothorax.", "answer": "No pneumothorax."}],
+        "error": [{"findings": "Left effusion.", "impression": "Left effusion.",
+                   "wrong": ["Right effusion.", "No effusion.", "Left pneumothorax."],
+                   "kinds": ["laterality", "false_negation", "false_finding"]},
+                  {"findings": "Clear lungs.", "impression": "Clear lungs.",
+                   "wrong": ["Clear lungs.", "Edema.", "Consolidation."]}],
+        "acronym": [{"query": "No PTX.", "answer": "No PTX."}, {"query": "CHF.", "answer": "CHF."}],
+        "paraphrase": [{"query": "Lungs are clear.", "answer": "Lungs are clear."},
+                       {"query": "Heart is normal.", "answer": "Heart is normal."}]}
+    overrides = []
+    for task, cases in files.items():
+        path = tmp_path / f"{task}.jsonl"
+        path.write_text("".join(json.dumps(c) + "\n" for c in cases))
+        overrides.append(f"eval.cases.{task}={path}")
+    # two checkpoints in one call: a raw model and a run given by its folder
+    models = f"eval.models=[raw_bidirectional,{out / 'text'}]"
+    results = ev.main([TINY, f"out_dir={tmp_path / 'run'}", models, *overrides])
+    assert "skipped" in results["clip"]  # this out_dir has no clip/
+    assert results["text"]["cases"]["error"] == {"n": 2, "from": str(tmp_path / "error.jsonl")}
+    for name in ("raw_bidirectional", str(out / "text")):
+        r = results["text"]["models"][name]
+        assert r["error"]["top1_accuracy"] == 50 and r["error"]["chance"] == 25
+        assert r["error"]["per_kind"]["laterality"] == {"pairwise_accuracy": 100, "n": 1}
+        assert r["acronym"]["R@1"] == 100 and r["paraphrase"]["R@1"] == 100
+        assert r["summarisation"]["R@1"] == 100 and r["summarisation"]["n_queries"] == 3
+        # label F1 of each top-1 report against the true answer: {Pleural Effusion} both (1),
+        # {Pleural Effusion} vs {Cardiomegaly} (0), {No Finding} both (1)
+        assert r["clinical"] == {"label_f1": pytest.approx(2 / 3), "n": 3}
+    table = (tmp_path / "run" / "eval" / "results.md").read_text()
+    assert f"| {out / 'text'} |" in table and "| raw_bidirectional |" in table
+
+
+def test_command_names_bad_settings(tmp_path):
+    with pytest.raises(FileNotFoundError, match="'nonsense'"):
+        ev.main([TINY, f"out_dir={tmp_path}", "eval.models=[raw,nonsense]"])
+    with pytest.raises(FileNotFoundError, match="run train_text.py"):
+        ev.main([TINY, f"out_dir={tmp_path}"])  # "trained", but nothing trained here
+    with pytest.raises(ValueError, match="unknown task 'summary'"):
+        ev.main([TINY, f"out_dir={tmp_path}", "eval.models=[raw]", f"eval.cases.summary={TINY}"])
+    with pytest.raises(ValueError, match="eval.merge"):
+        ev.main([TINY, f"out_dir={tmp_path}", "eval.models=[raw]", "eval.merge=fuzzy"])
+
+
+def test_cached_embed_equals_plain_embed():
+    calls = []
+
+    def embed(texts):
+        calls.append(list(texts))
+        return torch.tensor([[len(t), t.count("a")] for t in texts], dtype=torch.float)
+    cached = ev.cached_embed(embed, "test", batch_size=2)
+    texts = ["bbb", "a", "aa", "a", "bbb"]
+    assert torch.equal(cached(texts), embed(texts))
+    assert calls[:-1] == [["a", "aa"], ["bbb"]]  # each distinct text once, shortest first
+    assert torch.equal(cached(["aa", "a"]), embed(["aa", "a"])) and len(calls) == 4  # all cached
