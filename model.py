@@ -412,10 +412,8 @@ def load_adapter(model: nn.Module, folder: str, dropout=None):
     """Add LoRA to `model` as `adapter_config.json` says and load the weights (PEFT's key names;
     an adapter saved from a bare *Model, without the `model.` prefix, is accepted too)."""
     from safetensors.torch import load_file
-    config_path, weights_path = (os.path.join(folder, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
-    for path in (config_path, weights_path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"adapter file {path!r} not found")
+    config_path, weights_path = require_files(folder, ("adapter_config.json", "adapter_model.safetensors"),
+                                              "a PEFT LoRA adapter folder")
     with open(config_path) as f:
         c = json.load(f)
     if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora") or c.get("rank_pattern") or c.get("alpha_pattern"):
@@ -495,6 +493,15 @@ def load_weights(model: nn.Module, tensors, dtype, device):
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(model.config).to(device)
+
+
+def require_files(folder, names, expected):
+    """The paths of `names` in `folder`; a missing one is an error naming it and what was expected."""
+    paths = [os.path.join(folder, n) for n in names]
+    for path, name in zip(paths, names):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no {name} in {folder!r} (expected {expected})")
+    return paths
 
 
 def check_match(what, missing, unexpected, wrong_shape):
@@ -810,10 +817,7 @@ def load_clip_vision(folder, channels=3, dtype=torch.float32, device="cpu") -> V
     for a gray image replicated to 3 channels, since conv(x·[1,1,1], W) = conv(x, W_r + W_g + W_b).
     (CLIP normalises R, G, B with slightly different means and stds; normalise the gray image once.)"""
     from safetensors import safe_open
-    config_path, weights_path = (os.path.join(folder, f) for f in ("config.json", "model.safetensors"))
-    for path in (config_path, weights_path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no {os.path.basename(path)} in {folder!r} (expected a Hugging Face CLIP folder)")
+    config_path, weights_path = require_files(folder, ("config.json", "model.safetensors"), "a Hugging Face CLIP folder")
     with open(config_path) as f:
         hf = json.load(f)
     cfg = VisionConfig.from_hf(hf.get("vision_config", hf))

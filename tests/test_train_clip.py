@@ -1,7 +1,8 @@
-"""train_clip.py on configs/tiny.yaml: both text modes learn (loss falls, held-out image -> report R@5
-far above chance) and reload to the same retrieval; torchrun with 2 processes equals 1 process with
-the same global batch; the frozen-embedding cache is built once, reused, and rebuilt when the
-encoder or the reports change; a crashed run resumes exactly."""
+"""train_clip.py on configs/tiny.yaml: the frozen text tower learns (loss falls, held-out retrieval far
+above chance in every report style), the LoRA tower fits a small set, and both reload to the same
+retrieval; torchrun with 2 processes equals 1 process with the same global batch; the frozen-embedding
+cache is built once, reused, and rebuilt when the encoder or the reports change; a missing stage 1 is
+named; a crashed run resumes exactly; real (image, report) pairs train with unreadable images counted."""
 import functools
 import json
 import os
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,9 +43,9 @@ def stage1(tmp_path_factory, tokenizer_read_once):
     """The tiny stage-1 encoder, trained once for the whole file, and the synthetic images drawn once."""
     out = tmp_path_factory.mktemp("stage1")
     train_text.main([TINY, f"out_dir={out}", "text.eval_reports=8"])
-    c, d = train_clip.load_config(TINY).clip, train_clip.load_config(TINY).data
-    for n, split in ((c.train_n, "train"), (c.val_n, "val"), (c.test_n, "test")):
-        data.SyntheticStudies(n, 0, d.image_size, split=split, cache_dir=str(out / "clip" / "cache"))
+    cfg = train_clip.load_config(TINY)
+    for n, split in ((cfg.clip.train_n, "train"), (cfg.clip.val_n, "val"), (cfg.clip.test_n, "test")):
+        data.SyntheticStudies(n, 0, cfg.data.image_size, split=split, cache_dir=str(out / "clip" / "cache"))
     return out
 
 
@@ -90,15 +92,17 @@ def test_tiny_frozen_end_to_end(stage1, tmp_path):
     assert sum(loss[-10:]) / 10 < sum(loss[:10]) / 10 - 0.3, f"loss did not fall: {loss}"
     for name in ("model.safetensors", "clip.json", "eval.json", "eval.md", "loss.png", "val.jsonl", "config.yaml"):
         assert os.path.exists(out / "clip" / name), name
-    # 200 held-out studies, ~130 distinct reports per style. Mean rank is the steady statistic (R@5 of
-    # 200 queries moves by +-2.5 points between seeds); R@5 is checked pooled over the three styles.
+    # 200 held-out studies, ~130 distinct reports per style. The tiny random LLM is a weak encoder (seen:
+    # mean rank 0.55-0.72 x chance, R@5 2.5-3.3 x chance over seeds and step counts). Mean rank is the
+    # steady statistic; R@5 of 200 queries moves by +-2.5 points, so it is pooled over styles and directions.
     tests = [results[f"test/{style}"] for style in ("mimic", "openi", "shorthand")]
+    directions = ("image_to_text", "text_to_image")
     for r in tests:
         print(r)
-        for direction in ("image_to_text", "text_to_image"):
+        for direction in directions:
             assert r[direction]["mean_rank"] <= 0.8 * r["chance"]["mean_rank"], (direction, r)
-    pooled = lambda f: sum(map(f, tests)) / len(tests)
-    assert pooled(lambda r: r["image_to_text"]["R@5"]) >= 2 * pooled(lambda r: r["chance"]["R@5"])
+    r5 = sum(r[d]["R@5"] for r in tests for d in directions) / 6
+    assert r5 >= 2 * sum(r["chance"]["R@5"] for r in tests) / 3, r5
     assert_same_retrieval(reloaded_retrieval(out, 200), results["test/mimic"])
 
 
@@ -230,7 +234,7 @@ def test_real_image_report_pairs_with_unreadable_images(stage1, tmp_path, capsys
     rows, bad_train = ["study_id,image,report"], 0
     for i in range(80):
         image, labels = data.synth_study(0, i, 64)
-        report = data.synth_report(labels, "mimic", __import__("numpy").random.default_rng(i)).text()
+        report = data.synth_report(labels, "mimic", np.random.default_rng(i)).text()
         sid, name = f"s{i}", f"s{i}.png"
         if i % 10 == 3:   # missing
             bad_train += data.split_of(sid) == "train"
