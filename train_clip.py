@@ -101,17 +101,14 @@ def text_source(kind, text_dir, model_cfg, seed):
 
 
 def frozen_embedder(load, mcfg, env, batch_size):
-    """texts -> (N, d) embeddings by the frozen encoder, loaded on the first call, with a progress bar."""
+    """texts -> (N, d) embeddings by the frozen encoder, loaded on the first call."""
     state = {}
 
     def embed(texts):
         if not state:
             encoder, tokenizer = load(env.device)
-            state.update(fn=make_embed(encoder, tokenizer, Config(model=mcfg), env, batch_size),
-                         bar=tqdm(desc="embedding reports", unit="report", disable=not env.is_main))
-        out = state["fn"](texts)
-        state["bar"].update(len(texts))
-        return out
+            state["fn"] = make_embed(encoder, tokenizer, Config(model=mcfg), env, batch_size)
+        return state["fn"](texts)
     return embed
 
 
@@ -264,7 +261,8 @@ def image_features(model, dataset, batch_size=64, precision="fp32"):
     model.eval()
     features, kept = [], []
     for start in tqdm(range(0, len(dataset), batch_size), desc="embedding images", leave=False):
-        images, _, indices, _ = data.collate_pairs([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images, _, indices, _ = data.collate_pairs(items)
         if len(indices):
             with env.autocast():
                 features.append(model.encode_image(images.to(env.device)).float().cpu())
@@ -283,9 +281,9 @@ def evaluate_split(model, text_fn, dataset, texts_by_style, precision, batch_siz
         r = evaluate.image_text_retrieval(image_f, text_fn(texts), keys)
         short = lambda m: {k: m[k] for k in ("R@1", "R@5", "R@10", "mean_rank")}
         n = len(set(keys))
+        chance = {f"R@{k}": 100 * min(1, k / n) for k in (1, 5, 10)} | {"mean_rank": (n + 1) / 2}
         results[style] = dict(image_to_text=short(r["image_to_text"]), text_to_image=short(r["text_to_image"]),
-                              reports=n, chance={f"R@{k}": 100 * min(1, k / n) for k in (1, 5, 10)} | {"mean_rank": (n + 1) / 2},
-                              unreadable=len(dataset) - len(kept))
+                              reports=n, chance=chance, unreadable=len(dataset) - len(kept))
     return results
 
 
@@ -360,8 +358,12 @@ def main(argv):
         embed = functools.partial(M.embedding_cache, frozen_embedder(load_encoder, mcfg, env, c.embed_batch_size),
                                   cache_dir=cache_dir, encoder_id=encoder_id, batch_size=c.embed_batch_size)
         eval_texts = [t for _, by_style in evals.values() for texts in by_style.values() for t in texts]
-        # every distinct report once, shortest first (batches of similar length pad little), then read back
-        rank0_first(env, lambda: embed(sorted(set(train_texts + eval_texts), key=len)))
+        # every distinct report once, shortest first (batches of similar length pad little), in up to 8
+        # pieces, each saved to the cache as it is done (an interrupted run keeps them); then read back
+        todo = sorted(set(train_texts + eval_texts), key=len)
+        piece = max(256, -(-len(todo) // 8))
+        with tqdm(total=len(todo), desc="embedding reports", unit="report", disable=not env.is_main) as bar:
+            rank0_first(env, lambda: [bar.update(len(embed(todo[i:i + piece]))) for i in range(0, len(todo), piece)])
         train_emb = embed(train_texts)                                     # (N, d)
         text_stats = {"text_mean": train_emb.mean(0), "text_std": train_emb.std(0).clamp(min=1e-6)}
         train_emb = (train_emb - text_stats["text_mean"]) / text_stats["text_std"]
@@ -407,7 +409,8 @@ def main(argv):
 
     steps_per_epoch = max(1, len(batches) // env.world_size // c.optim.grad_accum)
     train_loop("clip", model, loss_fn, EndlessBatches(batches, env), c.optim, cfg, env, out,
-               after_step=lambda m: m.clamp_logit_scale(), evaluate=validate, eval_every=c.eval_every or steps_per_epoch)
+               after_step=lambda m: m.clamp_logit_scale(),  # open_clip: temperature never below 0.01
+               evaluate=validate, eval_every=c.eval_every or steps_per_epoch)
     skipped = round(all_mean(float(skipped[0]), env) * env.world_size)
 
     results = {}
