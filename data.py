@@ -847,7 +847,8 @@ class ContrastiveBatches(torch.utils.data.Dataset):
     DataLoader(batches, batch_size=None). A batch holds k variants (the report itself among them) of each
     of batch_size // k reports, one group id per report; with probability hard_negative_share a report
     adds an error-injected copy (is_hard_negative, a group of its own), with summarize_share its findings
-    (behind summarize_instruction) and impression as one more positive pair. Identical texts share a group
+    (behind summarize_instruction) and impression as one more positive pair, which again with
+    hard_negative_share brings an error-injected impression as a hard negative. Identical texts share a group
     across reports. random.Random(seed, epoch, index) draws everything: the same batches with any number
     of workers. Output: input_ids, attention_mask, embed_mask (B, T), group_ids, is_hard_negative (B,)."""
 
@@ -880,16 +881,23 @@ class ContrastiveBatches(torch.utils.data.Dataset):
             pool = {"original": normalize_report(report.text())} | make_variants(report, rng)
             pool = [t for s, t in pool.items() if s == "original" or self.styles is None or s in self.styles]
             rows += [(t, self.instruction, j, False) for t in rng.sample(pool, min(self.k, len(pool)))]
-            if rng.random() < self.hard_negative_share:
-                for kind in rng.sample(ERROR_KINDS, len(ERROR_KINDS)):
-                    wrong = inject_error(pool[0], kind, rng)
-                    if wrong:
-                        rows.append((wrong, self.instruction, -1 - j, True))
-                        break
+            rows += self.hard_negative(pool[0], -1 - j, rng)
             if report.findings and report.impression and rng.random() < self.summarize_share:
-                rows += [(normalize_report(report.findings), self.summarize_instruction, len(self.reports) + j, False),
-                         (normalize_report(report.impression), self.instruction, len(self.reports) + j, False)]
+                impression, pair = normalize_report(report.impression), len(self.reports) + j
+                rows += [(normalize_report(report.findings), self.summarize_instruction, pair, False),
+                         (impression, self.instruction, pair, False)]
+                # the impression with one error: its findings must tell it from the true one
+                rows += self.hard_negative(impression, -1 - pair, rng)
         return rows
+
+    def hard_negative(self, text, source, rng):
+        """With probability hard_negative_share, one row: text with an error of a random kind."""
+        if rng.random() < self.hard_negative_share:
+            for kind in rng.sample(ERROR_KINDS, len(ERROR_KINDS)):
+                wrong = inject_error(text, kind, rng)
+                if wrong:
+                    return [(wrong, self.instruction, source, True)]
+        return []
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rows = self.rows(index)

@@ -537,7 +537,10 @@ def test_contrastive_batches(openi_sample, tiny_tok):
     b, rows = batches[0], batches.rows(0)
     n = len(rows)
     assert b["input_ids"].shape[0] == b["group_ids"].shape[0] == b["is_hard_negative"].shape[0] == n
-    assert b["is_hard_negative"].dtype == torch.bool and b["is_hard_negative"].sum() == 8  # one per report
+    assert b["is_hard_negative"].dtype == torch.bool and b["is_hard_negative"].sum() == sum(r[3] for r in rows)
+    hard_sources = [r[2] for r in rows if r[3]]
+    assert sum(s >= -len(reports) for s in hard_sources) == 8  # an error-injected copy of each report
+    assert any(s < -len(reports) for s in hard_sources)  # and of the impressions of summarize pairs
     assert (b["attention_mask"][:, -1] == 1).all()  # left padding by default
     assert (b["embed_mask"] <= b["attention_mask"]).all() and (b["embed_mask"].sum(1) < b["attention_mask"].sum(1)).all()
     g = b["group_ids"]
