@@ -65,6 +65,7 @@ class StageConfig:
 @dataclass
 class TextConfig:
     stages: list = field(default_factory=lambda: ["mntp", "contrastive"])
+    init: str = ""                 # start from an earlier run's text/ folder (e.g. its MNTP) instead of model.path
     lora: bool = True              # False: full fine-tuning
     lora_r: int = 16
     lora_alpha: float = 32

@@ -11,6 +11,8 @@
    only, ...) are positives, every other report in the batch a negative, plus error-injected hard
    negatives and findings -> impression pairs; supervised contrastive loss at temperature 0.02,
    with a fresh LoRA and the pooler trained.
+`text.init=runs/x/text` starts from an earlier run's encoder instead of the raw LLM (one MNTP run
+feeding several contrastive ablations, as configs/ablations.py does).
 Each stage ends with a short held-out evaluation (acronym retrieval, error discrimination). The
 encoder is written to `out_dir/text/encoder.json` (base model + adapters, in order), which
 train_clip.py and evaluate.py load with `load_text_encoder`.
@@ -27,7 +29,8 @@ import data
 import evaluate
 import losses
 import model as M
-from runtime import EndlessBatches, build_llm, load_config, pad_id, plot_losses, save_config, save_stage, setup, train_loop
+from runtime import (EndlessBatches, build_llm, load_config, load_text_encoder, pad_id, plot_losses, save_config,
+                     save_stage, setup, train_loop)
 
 # ---------------------------------------------------------------------------------------------
 # Data: reports, and batches that are a pure function of their index (exact resume, any workers)
@@ -101,6 +104,25 @@ def held_out_eval(encoder, tokenizer, reports, cfg, env):
     return {f"{task}_{metric[task]}": res[task][metric[task]] for task in metric if task in res}
 
 
+def start_from(cfg, out, device):
+    """(llm, tokenizer, stages already in it) to train on: the configured LLM, or with `text.init`
+    the LLM of an earlier run's encoder, its stages merged (so one MNTP run can feed several
+    contrastive ablations). Its stages are listed first in our encoder.json, by relative path;
+    its pooler is not carried over (this run's model.pooling decides)."""
+    if not cfg.text.init:
+        return *build_llm(cfg.model, cfg.seed, device), []
+    encoder, tokenizer, base = load_text_encoder(cfg.text.init, device)
+    for key in ("path", "random_init"):
+        if getattr(base, key) != getattr(cfg.model, key):
+            raise ValueError(f"text.init {cfg.text.init!r} was trained from model.{key}={getattr(base, key)!r}, "
+                             f"this config has {getattr(cfg.model, key)!r}")
+    with open(os.path.join(cfg.text.init, "encoder.json")) as f:
+        stages = json.load(f)["stages"]
+    relative = lambda d: os.path.relpath(os.path.join(cfg.text.init, d), out)
+    stages = [{k: v for k, v in s.items() if k != "pooler"} | {"dir": relative(s["dir"])} for s in stages]
+    return encoder.llm, tokenizer, stages
+
+
 def check_config(cfg, llm):
     t = cfg.text
     unknown = [s for s in t.stages if s not in ("mntp", "contrastive")]
@@ -125,13 +147,12 @@ def main(argv):
     if env.is_main:
         save_config(cfg, os.path.join(out, "config.yaml"))
     reports = load_reports(cfg)
-    llm, tokenizer = build_llm(cfg.model, cfg.seed, env.device)
+    llm, tokenizer, adapters = start_from(cfg, out, env.device)
     check_config(cfg, llm)
     llm.gradient_checkpointing = cfg.train.grad_checkpointing
     t = cfg.text
     encoder = M.TextEncoder(llm, cfg.model.pooling, cfg.model.num_latents).to(env.device)
     results = {"before": held_out_eval(encoder, tokenizer, reports["val"], cfg, env)} if env.is_main else {}
-    adapters = []
 
     for stage in t.stages:
         run_dir = os.path.join(out, stage)
