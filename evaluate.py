@@ -571,9 +571,10 @@ def evaluate_clip(cfg, env, clip_dir):
     e = cfg.eval
     clip_model, text_fn = train_clip.load_clip_model(clip_dir, env.device, env.precision)
     with open(os.path.join(clip_dir, "clip.json")) as f:
-        image = json.load(f)["image"]  # the size and normalisation the image tower was trained with
+        spec = json.load(f)
+    image = spec["image"]  # the size and normalisation the image tower was trained with
     studies = data.SyntheticStudies(cfg.clip.test_n, cfg.seed, image["size"], cfg.data.test_styles, "test",
-                                    data.ImageTransform(**image), os.path.join(clip_dir, "cache"))
+                                    data.ImageTransform(**image), os.path.join(clip_dir, spec["cache_dir"]))
     image_emb, kept = train_clip.image_features(clip_model, studies, precision=env.precision)  # (N, e)
     kept = kept.tolist()
     labels = [studies.labels(i)["chexpert"] for i in kept]

@@ -98,6 +98,7 @@ class TrainConfig:
 @dataclass
 class ClipConfig:
     text_encoder: str = "trained"  # trained: the stage-1 encoder in out_dir/text | raw: the untrained LLM, mean pooling
+    #                                | the path of another run's text/ folder (or of an out_dir holding one)
     text_mode: str = "frozen"      # frozen: cached embeddings + adapter MLP (LLM2CLIP's cheap variant) | lora
     lora_r: int = 16               # lora mode: LoRA on q/k/v/o of the encoder's LLM (paper: r 16, alpha 32, dropout 0.1)
     lora_alpha: float = 32
@@ -111,6 +112,7 @@ class ClipConfig:
     test_n: int = 200              # synthetic held-out test studies, likewise; chance R@k is k / distinct reports
     eval_every: int = 0            # optimizer steps between validation evaluations; 0: once per epoch
     embed_batch_size: int = 32     # reports per forward pass of the frozen encoder (embedding cache, evaluation)
+    cache_dir: str = ""            # drawn images and report embeddings; "" = out_dir/clip/cache. Runs may share one
     optim: StageConfig = field(default_factory=lambda: StageConfig(steps=200, batch_size=64, lr=1e-4, weight_decay=0.05))
 
 

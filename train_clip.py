@@ -6,8 +6,9 @@
     python train_clip.py configs/small.yaml data.train_styles=[shorthand] out_dir=runs/shift  # style shift
     torchrun --nproc_per_node=2 train_clip.py configs/small.yaml
 
-1. Text tower: the stage-1 encoder (`clip.text_encoder: trained`, read from out_dir/text) or the
-   untrained LLM with mean pooling (`raw`: the paper's baseline), used in one of two ways:
+1. Text tower: the stage-1 encoder (`clip.text_encoder: trained`, read from out_dir/text, or the path
+   of another run's text/ folder) or the untrained LLM with mean pooling (`raw`: the paper's
+   baseline), used in one of two ways:
    - `frozen` (LLM2CLIP's cheap variant): every report is embedded once by the frozen encoder and
      kept in a cache (model.embedding_cache) keyed by the encoder's files; only an adapter MLP reads
      the embeddings. A step then costs a ViT pass, not an LLM pass: this makes CPU training practical.
@@ -27,7 +28,8 @@
 
 Everything goes to out_dir/clip: model.safetensors (the trained weights) and clip.json (how to rebuild
 the model), log.jsonl, val.jsonl, loss.png, eval.json + eval.md, ckpt.pt (resume: rerun the command),
-and cache/ (the drawn images, the frozen encoder's report embeddings). To use the model elsewhere:
+and cache/ (the drawn images, the frozen encoder's report embeddings; `clip.cache_dir` lets several runs
+share one, as configs/ablations.py does). To use the model elsewhere:
 
     from train_clip import load_clip_model, image_features
     model, text_fn = load_clip_model("runs/small/clip")          # text_fn(list of str) -> (N, e)
@@ -313,7 +315,7 @@ def load_clip_model(clip_dir, device="cpu", precision="fp32", cache=True):
         model = M.CLIPModel(vit, spec["embed_dim"], text_mode="frozen", text_dim=spec["text_dim"])
         embed = frozen_embedder(load, mcfg, env, spec["embed_batch_size"])
         if cache:
-            embed = functools.partial(M.embedding_cache, embed, cache_dir=os.path.join(clip_dir, "cache"),
+            embed = functools.partial(M.embedding_cache, embed, cache_dir=os.path.join(clip_dir, spec["cache_dir"]),
                                       encoder_id=encoder_id, batch_size=spec["embed_batch_size"])
         tokenize = None
     else:
@@ -344,12 +346,13 @@ def main(argv):
     if c.optim.batch_size < 2:
         raise ValueError("clip.optim.batch_size must be at least 2: the other pairs of a batch are the negatives")
     out = os.path.join(cfg.out_dir, "clip")
-    cache_dir = os.path.join(out, "cache")
+    cache_dir = c.cache_dir or os.path.join(out, "cache")
     os.makedirs(out, exist_ok=True)
     if env.is_main:
         save_config(cfg, os.path.join(out, "config.yaml"))
-    text_dir = os.path.join(cfg.out_dir, "text")
-    mcfg, encoder_id, load_encoder = text_source(c.text_encoder, text_dir, cfg.model, cfg.seed)
+    kind = "raw" if c.text_encoder == "raw" else "trained"
+    text_dir = None if kind == "raw" else evaluate.text_dir_of(c.text_encoder, cfg)
+    mcfg, encoder_id, load_encoder = text_source(kind, text_dir, cfg.model, cfg.seed)
     mean, std = image_normalisation(c)
     train_set, train_texts, evals = rank0_first(env, lambda: load_studies(cfg, mean, std, cache_dir))
 
@@ -418,8 +421,8 @@ def main(argv):
         from safetensors.torch import save_file
         weights = {k: v.contiguous() for k, v in (trainable_state(model) | text_stats).items()}
         atomic_write(os.path.join(out, "model.safetensors"), lambda p: save_file(weights, p))
-        spec = dict(text_mode=c.text_mode, text_encoder=c.text_encoder, encoder_id=encoder_id,
-                    text_dir=os.path.relpath(text_dir, out) if c.text_encoder == "trained" else None,
+        spec = dict(text_mode=c.text_mode, text_encoder=kind, encoder_id=encoder_id,
+                    text_dir=text_dir and os.path.relpath(text_dir, out), cache_dir=os.path.relpath(cache_dir, out),
                     model=dataclasses.asdict(mcfg), seed=cfg.seed, embed_dim=c.embed_dim,
                     text_dim=model.text_projection[0].normalized_shape[0], embed_batch_size=c.embed_batch_size,
                     lora=dict(lora_r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout),

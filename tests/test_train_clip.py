@@ -197,6 +197,26 @@ def test_frozen_embedding_cache_built_reused_rebuilt(stage1, tmp_path, monkeypat
     assert loads[0] == 3 and len(embedding_files()) == 2
 
 
+def test_encoder_of_another_run_and_a_shared_cache(stage1, tmp_path, monkeypatch):
+    """clip.text_encoder=PATH reads another run's stage-1 encoder; clip.cache_dir puts the images and
+    embeddings where a second run finds them (the encoder is then not even loaded); the saved model
+    finds both again and reloads to the same retrieval."""
+    shared = tmp_path / "shared_cache"
+    shutil.copytree(stage1 / "clip" / "cache", shared)
+    loads, real = [0], train_clip.load_text_encoder
+
+    def counting(*a, **k):
+        loads[0] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(train_clip, "load_text_encoder", counting)
+    common = [*QUICK, f"clip.text_encoder={stage1}", f"clip.cache_dir={shared}"]
+    _, results = run(tmp_path / "first", *common)
+    run(tmp_path / "second", *common, "clip.optim.lr=1e-4")
+    assert loads[0] == 1 and not os.path.exists(tmp_path / "first" / "clip" / "cache")
+    assert sum(p.startswith("emb-") for p in os.listdir(shared)) == 1
+    assert_same_retrieval(reloaded_retrieval(tmp_path / "first", 16), results["test/mimic"])
+
+
 def test_missing_stage1_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="run train_text.py"):
         run(tmp_path, *QUICK)
