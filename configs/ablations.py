@@ -1,0 +1,263 @@
+"""The paper's three claims in miniature (README, "Results"): every row is configs/small.yaml plus a
+few key=value overrides, trained and evaluated for three seeds; the tables show mean ± standard
+deviation over the seeds (each seed also draws its own evaluation cases and synthetic studies).
+
+    python configs/ablations.py               # 3 seeds (see README for the time on a 2-core CPU)
+    python configs/ablations.py --quick       # 1 seed, shorter runs: under 30 minutes
+    python configs/ablations.py --readme      # also rewrite README's Results tables and docs/ablations.png
+
+Each run is an ordinary command of the pipeline, printed before it starts, e.g.
+    python train_text.py configs/small.yaml text.stages=[contrastive] text.init=results/ablations/seed0/mntp/text ...
+A run whose result file exists is skipped, so an interrupted sweep continues where it stopped. Raw
+outputs (a JSON per run) stay in results/ablations/ (--out), which is not committed.
+
+1. The text-encoder recipe, on held-out real Open-I test reports (evaluate.py): the raw LLM (causal,
+   mean pooling, the paper's baseline), the same bidirectional, + MNTP, + MNTP + contrastive (the
+   small.yaml recipe), and that recipe without hard negatives, with latent-attention pooling, with
+   last-token pooling. One MNTP run per seed feeds every contrastive run (text.init).
+2. Mixing report styles in CLIP (synthetic radiographs, frozen text tower): (a) 1,000 studies in one
+   prose style (mimic) against (b) 2,000 studies, half in that style and half in abbreviation-rich
+   hospital shorthand, each with the raw and with the adapted encoder of row 1's recipe.
+3. External generalisation: the same models tested on another prose style (openi) and on shorthand.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# stage 1: run -> train_text.py overrides; {mntp} is the same seed's MNTP run
+FROM_MNTP = ["text.stages=[contrastive]", "text.init={mntp}/text"]
+TEXT_RUNS = {"mntp": ["text.stages=[mntp]"],
+             "contrastive": FROM_MNTP,
+             "no_hard_negatives": FROM_MNTP + ["text.hard_negative_share=0"],
+             "latent_attention": FROM_MNTP + ["model.pooling=latent_attention"],
+             "last_token": FROM_MNTP + ["model.pooling=last_token"]}
+# table 1: row -> evaluate.py's eval.models entry (a raw model, or one of TEXT_RUNS)
+TEXT_ROWS = {"raw LLM (causal, mean pooling)": "raw", "raw LLM, bidirectional": "raw_bidirectional",
+             "+ MNTP": "mntp", "+ MNTP + contrastive (small.yaml)": "contrastive",
+             "... without hard negatives": "no_hard_negatives",
+             "... latent-attention pooling": "latent_attention", "... last-token pooling": "last_token"}
+TEXT_METRICS = {"acronym R@1": ("acronym", "R@1"), "paraphrase R@1": ("paraphrase", "R@1"),
+                "summarisation R@1": ("summarisation", "R@1"), "error top-1 (chance 25)": ("error", "top1_accuracy"),
+                "clinical label F1": ("clinical", "label_f1")}
+# stage 2: the training mix and the text encoder; {contrastive} is the same seed's adapted encoder
+MIXES = {"prose": ["clip.train_n=1000", "data.train_styles=[mimic]"],
+         "prose+shorthand": ["clip.train_n=2000", "data.train_styles=[mimic,shorthand]"]}
+ENCODERS = {"raw": ["clip.text_encoder=raw"], "adapted": ["clip.text_encoder={contrastive}/text"]}
+TEST_STYLES = ("mimic", "openi", "shorthand")  # small.yaml's data.test_styles
+QUICK = ["text.mntp.steps=20", "text.contrastive.steps=12", "clip.optim.steps=300", "eval.max_reports=50"]
+
+
+def run(script, config, overrides, out_dir, done, log):
+    """One pipeline command, unless its result file `done` exists; its wall time goes to `log`."""
+    if os.path.exists(os.path.join(ROOT, done)):
+        return
+    cmd = [script, config, *overrides, f"out_dir={out_dir}"]
+    print("\n$ python " + " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+    log[out_dir] = time.perf_counter() - t
+
+
+def sweep(config, seeds, out, extra, log):
+    """Every run of every seed; returns {seed: {"text": {entry: metrics}, "clip": {(mix, encoder): eval}}}.
+    The end-of-stage evaluation of train_text.py is skipped (text.eval_reports=0): evaluate.py does it."""
+    found = {}
+    for seed in seeds:
+        d = f"{out}/seed{seed}"
+        common = [f"seed={seed}", "text.eval_reports=0", *extra]
+        for name, overrides in TEXT_RUNS.items():
+            run("train_text.py", config, common + [o.format(mntp=f"{d}/mntp") for o in overrides], f"{d}/{name}",
+                f"{d}/{name}/text/encoder.json", log)
+        models = [m if m.startswith("raw") else f"{d}/{m}" for m in TEXT_ROWS.values()]
+        run("evaluate.py", config, common + [f"eval.models=[{','.join(models)}]"], f"{d}/text_eval",
+            f"{d}/text_eval/eval/results.json", log)
+        with open(os.path.join(ROOT, d, "text_eval", "eval", "results.json")) as f:
+            text = json.load(f)["text"]["models"]
+        found[seed] = {"text": {m: text[path] for m, path in zip(TEXT_ROWS.values(), models)}, "clip": {}}
+        for mix, mix_overrides in MIXES.items():
+            for encoder, enc_overrides in ENCODERS.items():
+                run_dir = f"{d}/clip_{mix}_{encoder}"
+                overrides = [o.format(contrastive=f"{d}/contrastive") for o in enc_overrides]
+                run("train_clip.py", config, common + mix_overrides + overrides + [f"clip.cache_dir={d}/clip_cache"],
+                    run_dir, f"{run_dir}/clip/eval.json", log)
+                with open(os.path.join(ROOT, run_dir, "clip", "eval.json")) as f:
+                    found[seed]["clip"][mix, encoder] = json.load(f)
+        with open(os.path.join(ROOT, out, "timings.json"), "w") as f:
+            json.dump(log, f, indent=1)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# The tables and the plot
+# ---------------------------------------------------------------------------------------------
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def cell(values, scale=1.0):
+    m, s = mean_std([v * scale for v in values if v is not None])
+    if m is None:
+        return "-"
+    return f"{m:.1f}" if s is None else f"{m:.1f} ± {s:.1f}"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def text_tables(found):
+    seeds = list(found)
+    get = lambda entry, task, metric: [found[s]["text"][entry].get(task, {}).get(metric) for s in seeds]
+    rows = [[label] + [cell(get(entry, *tm), 100 if tm[1] == "label_f1" else 1) for tm in TEXT_METRICS.values()]
+            for label, entry in TEXT_ROWS.items()]
+    md = table(["text encoder"] + list(TEXT_METRICS), rows)
+    kinds = sorted({k for s in seeds for r in found[s]["text"].values() for k in r.get("error", {}).get("per_kind", {})})
+    per_kind = [[label] + [cell([found[s]["text"][entry]["error"]["per_kind"].get(k, {}).get("pairwise_accuracy")
+                                 for s in seeds]) for k in kinds] for label, entry in TEXT_ROWS.items()]
+    cases = found[seeds[0]]["text"]["raw"]
+    n = {task: cases.get(task, {}).get("n_cases") or cases.get(task, {}).get("n_queries") for task, _ in TEXT_METRICS.values()}
+    note = ", ".join(f"{task} {v}" for task, v in n.items() if v) if any(n.values()) else ""
+    return md, table(["text encoder"] + kinds, per_kind), note
+
+
+def clip_tables(found):
+    seeds, out = list(found), {}
+    for style in TEST_STYLES:
+        rows = []
+        for mix in MIXES:
+            for encoder in ENCODERS:
+                r = [found[s]["clip"][mix, encoder][f"test/{style}"] for s in seeds]
+                rows.append([mix, encoder] + [cell([x[d][f"R@{k}"] for x in r]) for d in ("image_to_text", "text_to_image")
+                                              for k in (1, 5, 10)] + [cell([x["chance"]["R@5"] for x in r])])
+        out[style] = table(["trained on", "text encoder"] + [f"{d} R@{k}" for d in ("image→report", "report→image")
+                                                             for k in (1, 5, 10)] + ["chance R@5"], rows)
+    return out
+
+
+def bar_chart(panels, path, size=(1100, 420)):
+    """Grouped bars with ±1 std whiskers, one panel per (title, groups, {series: [(mean, std) per group]})."""
+    from PIL import Image, ImageDraw
+    colors = ["#9e9e9e", "#6baed6", "#2171b5", "#08306b", "#e6550d", "#fd8d3c"]
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    W, H, pad, legend_h = size[0] // len(panels), size[1], 40, 16
+    for p, (title, groups, series) in enumerate(panels):
+        x0, y0, x1, y1 = p * W + pad, pad, (p + 1) * W - 10, H - pad - legend_h * len(series)
+        draw.text((x0, 10), title, fill="black")
+        top = 25.0 * math.ceil(max(m + (s or 0) for v in series.values() for m, s in v if m is not None) / 25)
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        for tick in range(0, int(top) + 1, 25):
+            y = y1 - (y1 - y0) * tick / top
+            draw.line([(x0, y), (x0 - 4, y)], fill="black")
+            draw.text((x0 - 30, y - 6), str(tick), fill="gray")
+        gw = (x1 - x0) / len(groups)
+        bw = gw * 0.8 / len(series)
+        for g, group in enumerate(groups):
+            draw.text((x0 + g * gw + 4, y1 + 4), group, fill="black")
+            for k, (name, values) in enumerate(series.items()):
+                m, s = values[g]
+                if m is None:
+                    continue
+                bx = x0 + g * gw + gw * 0.1 + k * bw
+                draw.rectangle([bx, y1 - (y1 - y0) * m / top, bx + bw - 2, y1], fill=colors[k % len(colors)])
+                if s:
+                    cx = bx + bw / 2
+                    draw.line([(cx, y1 - (y1 - y0) * max(0, m - s) / top), (cx, y1 - (y1 - y0) * (m + s) / top)],
+                              fill="black")
+        for k, name in enumerate(series):
+            y = y1 + 20 + k * legend_h
+            draw.rectangle([x0, y, x0 + 10, y + 10], fill=colors[k % len(colors)])
+            draw.text((x0 + 16, y - 1), name, fill="black")
+    img.save(path)
+
+
+def plot(found, path):
+    seeds = list(found)
+    text_rows = {"raw LLM": "raw", "+ MNTP": "mntp", "+ MNTP + contrastive": "contrastive",
+                 "... no hard negatives": "no_hard_negatives"}
+    metrics = {"acronym R@1": ("acronym", "R@1"), "paraphrase R@1": ("paraphrase", "R@1"),
+               "summ. R@1": ("summarisation", "R@1"), "error top-1": ("error", "top1_accuracy")}
+    text_series = {label: [mean_std([found[s]["text"][entry].get(t, {}).get(m) for s in seeds]) for t, m in metrics.values()]
+                   for label, entry in text_rows.items()}
+    clip_series = {f"{mix}, {enc}": [mean_std([found[s]["clip"][mix, enc][f"test/{style}"]["image_to_text"]["R@5"]
+                                               for s in seeds]) for style in TEST_STYLES]
+                   for mix in MIXES for enc in ENCODERS}
+    bar_chart([("1. text encoders on held-out Open-I reports (%)", list(metrics), text_series),
+               ("2-3. CLIP image->report R@5 (%) by test report style", list(TEST_STYLES), clip_series)], path)
+
+
+def report(found, args, log):
+    """The Markdown of the Results tables."""
+    main, per_kind, cases = text_tables(found)
+    clip = clip_tables(found)
+    minutes = sum(log.values()) / 60
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    md = [f"Produced by `python configs/ablations.py{' --quick' if args.quick else ''}` on `{args.config}` "
+          f"(seeds {', '.join(map(str, found))}; {minutes:.0f} minutes of runs on {machine}). "
+          "Mean ± standard deviation over seeds, in %.\n\n",
+          f"**1. Text encoders** on the held-out test reports of data.source (small.yaml: the real Open-I "
+          f"reports; {cases} cases per seed):\n\n", main,
+          "\nError discrimination per error kind, pairwise accuracy (true impression scored above the one wrong "
+          "one; chance 50):\n\n", per_kind,
+          "\n**2. Mixing report styles** and **3. external generalisation**: CLIP on synthetic radiographs, image ↔ "
+          "report retrieval on the test studies, their reports written in each style.\n"]
+    for style, t in clip.items():
+        what = {"mimic": "the training prose style (claim 2)", "openi": "another prose style (claim 3)",
+                "shorthand": "hospital shorthand (claims 2 and 3)"}[style]
+        md += [f"\nTest reports in `{style}` style, {what}:\n\n", t]
+    return "".join(md)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed, shorter runs (under 30 minutes)")
+    p.add_argument("--config", default="configs/small.yaml", help="the base config of every row")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every run")
+    p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
+    p.add_argument("--out", help="default: results/ablations (--quick: results/ablations-quick)")
+    p.add_argument("--readme", action="store_true", help="rewrite README's Results tables and docs/ablations.png")
+    args = p.parse_args()
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    out = args.out or ("results/ablations-quick" if args.quick else "results/ablations")
+    os.makedirs(os.path.join(ROOT, out), exist_ok=True)
+    timings = os.path.join(ROOT, out, "timings.json")
+    log = json.load(open(timings)) if os.path.exists(timings) else {}
+    found = sweep(args.config, seeds, out, (QUICK if args.quick else []) + args.set, log)
+
+    md = report(found, args, log)
+    with open(os.path.join(ROOT, out, "results.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(ROOT, out, "results.json"), "w") as f:
+        json.dump({str(s): {"text": r["text"], "clip": {f"{m}/{e}": v for (m, e), v in r["clip"].items()}}
+                   for s, r in found.items()}, f, indent=1)
+    plot(found, os.path.join(ROOT, out, "ablations.png"))
+    print("\n" + md + f"\nwritten to {out}/: results.md, results.json, ablations.png")
+    if args.readme:
+        readme = os.path.join(ROOT, "README.md")
+        text = open(readme).read()
+        begin, end = "<!-- ablations:begin -->", "<!-- ablations:end -->"
+        if begin not in text or end not in text:
+            sys.exit(f"README.md lacks the {begin} ... {end} markers to write the tables between")
+        head, rest = text.split(begin, 1)
+        with open(readme, "w") as f:
+            f.write(head + begin + "\n" + md + "\n" + end + rest.split(end, 1)[1])
+        os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
+        plot(found, os.path.join(ROOT, "docs", "ablations.png"))
+        print("README.md and docs/ablations.png updated")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""configs/ablations.py: the sweep runs each pipeline command once (a finished run is skipped, so an
+interrupted sweep continues), and its tables show the mean ± sample standard deviation over seeds of
+what each run wrote, checked here against numbers computed by hand."""
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("ablations", os.path.join(ROOT, "configs", "ablations.py"))
+ablations = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablations)
+
+
+def text_result(acronym, error, kinds):
+    return {"acronym": {"R@1": acronym, "n_queries": 40}, "paraphrase": {"R@1": 50.0},
+            "summarisation": {"R@1": 10.0}, "clinical": {"label_f1": 0.5, "n": 30},
+            "error": {"top1_accuracy": error, "n_cases": 30,
+                      "per_kind": {k: {"pairwise_accuracy": v} for k, v in kinds.items()}}}
+
+
+def clip_result(r5):
+    side = {"R@1": 1.0, "R@5": r5, "R@10": 20.0}
+    return {f"test/{s}": {"image_to_text": side, "text_to_image": side, "chance": {"R@5": 4.0}}
+            for s in ablations.TEST_STYLES}
+
+
+def fake_sweep(monkeypatch, tmp_path):
+    """ablations.sweep with every command replaced by writing the files it would write."""
+    commands = []
+
+    def fake_run(cmd, cwd, check):
+        script, overrides = cmd[1], dict(o.split("=", 1) for o in cmd[3:])
+        out, seed = os.path.join(cwd, overrides["out_dir"]), int(overrides["seed"])
+        commands.append((script, overrides))
+        if script == "train_text.py":
+            os.makedirs(os.path.join(out, "text"))
+            open(os.path.join(out, "text", "encoder.json"), "w").write("{}")
+        elif script == "evaluate.py":
+            models = overrides["eval.models"].strip("[]").split(",")
+            res = {m: text_result(60.0 + 10 * seed, 20.0 + seed, {"laterality": 50.0 + seed}) for m in models}
+            os.makedirs(os.path.join(out, "eval"))
+            json.dump({"text": {"models": res}}, open(os.path.join(out, "eval", "results.json"), "w"))
+        else:
+            os.makedirs(os.path.join(out, "clip"))
+            r5 = 10.0 * (seed + 1) if overrides["clip.text_encoder"] == "raw" else 30.0
+            json.dump(clip_result(r5), open(os.path.join(out, "clip", "eval.json"), "w"))
+    monkeypatch.setattr(ablations, "ROOT", str(tmp_path))
+    monkeypatch.setattr(ablations.subprocess, "run", fake_run)
+    return commands
+
+
+def test_sweep_runs_each_command_once_and_tables_are_mean_and_std(monkeypatch, tmp_path):
+    commands = fake_sweep(monkeypatch, tmp_path)
+    log = {}
+    found = ablations.sweep("configs/small.yaml", [0, 1, 2], "res", [], log)
+    per_seed = len(ablations.TEXT_RUNS) + 1 + len(ablations.MIXES) * len(ablations.ENCODERS)
+    assert len(commands) == 3 * per_seed and len(log) == 3 * per_seed
+    contrastive = [o for s, o in commands if s == "train_text.py" and o["out_dir"] == "res/seed1/contrastive"][0]
+    assert contrastive["text.init"] == "res/seed1/mntp/text" and contrastive["seed"] == "1"
+    adapted = [o for s, o in commands if s == "train_clip.py" and o["out_dir"] == "res/seed2/clip_prose_adapted"][0]
+    assert adapted["clip.text_encoder"] == "res/seed2/contrastive/text" and adapted["data.train_styles"] == "[mimic]"
+
+    assert ablations.sweep("configs/small.yaml", [0, 1, 2], "res", [], log) == found  # all done: nothing reruns
+    assert len(commands) == 3 * per_seed
+
+    main, per_kind, _ = ablations.text_tables(found)
+    row = next(line for line in main.splitlines() if line.startswith("| + MNTP |"))
+    # acronym R@1 60, 70, 80: mean 70, sample std 10; error 20, 21, 22: 21 ± 1; label F1 0.5 -> 50 %
+    assert row == "| + MNTP | 70.0 ± 10.0 | 50.0 ± 0.0 | 10.0 ± 0.0 | 21.0 ± 1.0 | 50.0 ± 0.0 |"
+    assert "| 51.0 ± 1.0 |" in per_kind
+    prose = ablations.clip_tables(found)["mimic"].splitlines()[2]
+    assert prose.startswith("| prose | raw | 1.0 ± 0.0 | 20.0 ± 10.0 | 20.0 ± 0.0 |")  # R@5 10, 20, 30
+
+
+def test_one_seed_has_no_std():
+    assert ablations.cell([12.34]) == "12.3"
+    assert ablations.cell([1.0, None, 3.0]) == "2.0 ± 1.4"
+    assert ablations.cell([None]) == "-"
+
+
+def test_bar_chart_is_drawn(tmp_path):
+    path = tmp_path / "chart.png"
+    ablations.bar_chart([("a", ["x", "y"], {"s1": [(10.0, 2.0), (None, None)], "s2": [(40.0, None), (5.0, 9.0)]})], path)
+    from PIL import Image
+    assert Image.open(path).size == (1100, 420)
+
