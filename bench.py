@@ -90,6 +90,11 @@ def peak_rss_mb(fn):
         base = torch.cuda.memory_allocated()
         fn()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:  # hand memory freed by earlier runs back to the kernel, or reusing it would not show as growth
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     base = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
