@@ -203,11 +203,11 @@ def report(found, args, log):
     """The Markdown of the Results tables."""
     main, per_kind, cases = text_tables(found)
     clip = clip_tables(found)
-    minutes = sum(log.values()) / 60
+    minutes = {s: sum(t for run, t in log.items() if f"/seed{s}/" in run + "/") / 60 for s in found}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    md = [f"Produced by `python configs/ablations.py{' --quick' if args.quick else ''}` on `{args.config}` "
-          f"(seeds {', '.join(map(str, found))}; {minutes:.0f} minutes of runs on {machine}). "
-          "Mean ± standard deviation over seeds, in %.\n\n",
+    md = [f"Produced by `python configs/ablations.py{' --quick' if args.quick else ''}` on `{args.config}`, "
+          f"seeds {', '.join(map(str, found))}, on {machine}; the runs of each seed took "
+          f"{', '.join(f'{m:.0f}' for m in minutes.values())} minutes. Mean ± standard deviation over seeds, in %.\n\n",
           f"**1. Text encoders** on the held-out test reports of data.source (small.yaml: the real Open-I "
           f"reports; {cases} cases per seed):\n\n", main,
           "\nError discrimination per error kind, pairwise accuracy (true impression scored above the one wrong "
