@@ -56,7 +56,8 @@ QUICK = ["text.mntp.steps=20", "text.contrastive.steps=12", "clip.optim.steps=30
 
 
 def run(script, config, overrides, out_dir, done, log):
-    """One pipeline command, unless its result file `done` exists; its wall time goes to `log`."""
+    """One pipeline command, unless its result file `done` exists; its wall time goes to `log`
+    (a dict, saved beside the runs as timings.json)."""
     if os.path.exists(os.path.join(ROOT, done)):
         return
     cmd = [script, config, *overrides, f"out_dir={out_dir}"]
@@ -64,6 +65,8 @@ def run(script, config, overrides, out_dir, done, log):
     t = time.perf_counter()
     subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
     log[out_dir] = time.perf_counter() - t
+    with open(os.path.join(ROOT, os.path.dirname(os.path.dirname(out_dir)), "timings.json"), "w") as f:  # out/seedN/run
+        json.dump(log, f, indent=1)
 
 
 def sweep(config, seeds, out, extra, log):
@@ -90,8 +93,6 @@ def sweep(config, seeds, out, extra, log):
                     run_dir, f"{run_dir}/clip/eval.json", log)
                 with open(os.path.join(ROOT, run_dir, "clip", "eval.json")) as f:
                     found[seed]["clip"][mix, encoder] = json.load(f)
-        with open(os.path.join(ROOT, out, "timings.json"), "w") as f:
-            json.dump(log, f, indent=1)
     return found
 
 
