@@ -128,10 +128,9 @@ def text_tables(found):
     kinds = sorted({k for s in seeds for r in found[s]["text"].values() for k in r.get("error", {}).get("per_kind", {})})
     per_kind = [[label] + [cell([found[s]["text"][entry]["error"]["per_kind"].get(k, {}).get("pairwise_accuracy")
                                  for s in seeds]) for k in kinds] for label, entry in TEXT_ROWS.items()]
-    cases = found[seeds[0]]["text"]["raw"]
-    n = {task: cases.get(task, {}).get("n_cases") or cases.get(task, {}).get("n_queries") for task, _ in TEXT_METRICS.values()}
-    note = ", ".join(f"{task} {v}" for task, v in n.items() if v) if any(n.values()) else ""
-    return md, table(["text encoder"] + kinds, per_kind), note
+    raw = found[seeds[0]]["text"]["raw"]  # every encoder of a seed is evaluated on the same cases
+    n = {task: raw[task].get("n_cases", raw[task].get("n_queries")) for task, _ in TEXT_METRICS.values() if task in raw}
+    return md, table(["text encoder"] + kinds, per_kind), ", ".join(f"{task} {v}" for task, v in n.items() if v)
 
 
 def clip_tables(found):
