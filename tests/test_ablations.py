@@ -78,9 +78,15 @@ def test_one_seed_has_no_std():
     assert ablations.cell([None]) == "-"
 
 
-def test_bar_chart_is_drawn(tmp_path):
+def test_bar_heights_follow_the_means(tmp_path):
+    """Bars of equal width: the painted area of each series is proportional to the sum of its means
+    (s1: 10, a missing value drawn as nothing; s2: 40 + 5 = 45), so 4.5x, give or take the legend."""
+    import numpy as np
+    from PIL import Image
     path = tmp_path / "chart.png"
     ablations.bar_chart([("a", ["x", "y"], {"s1": [(10.0, 2.0), (None, None)], "s2": [(40.0, None), (5.0, 9.0)]})], path)
-    from PIL import Image
-    assert Image.open(path).size == (1100, 420)
+    img = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+    area = lambda hex_color: int((img == [int(hex_color[i:i + 2], 16) for i in (1, 3, 5)]).all(1).sum())
+    ratio = area("#6baed6") / area("#9e9e9e")  # the chart's first two series colours
+    assert 4.0 < ratio < 5.0, ratio
 
