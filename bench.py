@@ -8,7 +8,6 @@ transformers and peft are used here only as references.
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -17,6 +16,8 @@ from contextlib import nullcontext
 import torch
 
 import model as M
+from synthetic import synth_study
+from weights import load_llm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -44,7 +45,7 @@ def autocast(precision):
 def smollm2_pair():
     """Our LLM and transformers' LlamaForCausalLM with the same SmolLM2-135M weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    ours, tok = M.load_llm("smollm2", device=DEVICE)
+    ours, tok = load_llm("smollm2", device=DEVICE)
     c = ours.config
     ref = LlamaForCausalLM(LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
@@ -113,7 +114,7 @@ def mntp_batch(tok, B, T, vocab, seed=0):
 def bench_mntp(args):
     """MNTP loss: logits at masked positions only vs the full (B, T, vocab) logits, same model."""
     import losses
-    llm, _ = M.load_llm("smollm2", dtype=torch.bfloat16, device=DEVICE)
+    llm, _ = load_llm("smollm2", dtype=torch.bfloat16, device=DEVICE)
     M.add_lora(llm, r=16, alpha=32, dropout=0.0)
     B, T = args.batch, args.seq
     ids, labels = mntp_batch(None, B, T, llm.config.vocab_size)
@@ -192,11 +193,10 @@ def bench_train(args):
 
 def bench_synthetic(args):
     """Synthetic radiographs: images per second at 256 px in one process (target: 10,000 in < 60 s)."""
-    import data
     n = args.synthetic_n
     t = time.perf_counter()
     for i in range(n):
-        data.synth_study(0, i, size=256)
+        synth_study(0, i, size=256)
     dt = time.perf_counter() - t
     return [dict(bench="synthetic", images=n, seconds=dt, images_per_s=n / dt, seconds_per_10k=dt / n * 10000)]
 

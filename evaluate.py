@@ -1,15 +1,15 @@
-"""Evaluation: the metrics behind every number in the paper's evaluation table (PAPER.md,
-"Evaluation"), usable from the training scripts, and the `evaluate.py` command.
+"""Evaluation: the metrics behind every number in the paper's evaluation table (Ko et al.
+2025, arXiv 2509.15234, sec. 3), usable from the training scripts, and the `evaluate.py` command.
 
 - Retrieval (image -> report, report -> image, and the text tasks): Recall@k, mean and median rank.
   Similarities are computed a chunk of queries at a time: the extra memory is a normalised copy
   of the embeddings plus about 9 bytes x chunk_size x gallery size (230 MB at the default chunk
   and 100,000 reports), never the 40 GB Q x G matrix of a 100,000 x 100,000 evaluation. As in
   open_clip, the tests check the chunked ranks against a brute-force argsort.
-- Report understanding (Ko et al. 2025, sec. "Evaluation"): acronym, paraphrase and summarisation
+- Report understanding (Ko et al. 2025, sec. 3; the cases: cases.py): acronym, paraphrase and summarisation
   retrieval, error discrimination, clinical similarity. They take `embed(texts) -> (N, d)` and
   plain strings, so they run on any encoder, or on a fake one in the tests.
-- Zero-shot classification as in CheXzero (Tiu et al. 2022): a positive and a negative prompt per
+- Zero-shot classification as in CheXzero (Tiu et al. 2022, Nat. Biomed. Eng.): a positive and a negative prompt per
   observation, AUROC per label with bootstrap 95 % confidence intervals.
 
 Conventions used throughout:
@@ -23,32 +23,32 @@ Conventions used throughout:
 
 Run: python evaluate.py configs/small.yaml   (see the command at the bottom)
 """
-import base64
 import functools
-import io
 import json
 import os
 import random
-import re
 import sys
-import textwrap
 import time
 from dataclasses import asdict, replace
-from html import escape
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+import data
 import model
-from runtime import build_llm, load_config, load_text_encoder, setup
+from cases import CASE_KEYS, build_text_cases, read_cases_jsonl
+from encoders import build_llm, load_clip_model, load_text_encoder, make_embed, text_dir_of
+from reports import label_report, normalize_for_match
+from results import cell, contact_sheet, results_table, retrieval_html, slug
+from runtime import Env, load_config, setup
+from synthetic import SyntheticStudies
 
 
 # ---------------------------------------------------------------------------------------------
-# Retrieval
+# Retrieval: ranks and Recall@k, a chunk of queries at a time
 # ---------------------------------------------------------------------------------------------
 
 def _normalize(x):
@@ -134,8 +134,7 @@ def image_text_retrieval(image_emb, text_emb, text_keys=None, ks=(1, 5, 10), **k
 
 def report_keys(texts, labels=None):
     """Merge keys: the normalised report text, optionally with its labels (stricter merging)."""
-    import data
-    keys = [data.normalize_for_match(t) for t in texts]
+    keys = [normalize_for_match(t) for t in texts]
     if labels is None:
         return keys
     return [(k, json.dumps(l, sort_keys=True)) for k, l in zip(keys, labels, strict=True)]
@@ -150,7 +149,7 @@ def topk_retrieve(query_emb, gallery_emb, k=5, chunk_size=256):
 
 
 # ---------------------------------------------------------------------------------------------
-# AUROC, bootstrap, zero-shot classification
+# Zero-shot classification: AUROC with bootstrap confidence intervals
 # ---------------------------------------------------------------------------------------------
 
 def _np(x):
@@ -299,90 +298,6 @@ def clinical_similarity(retrieved_texts, true_texts, label_fn):
     return {"label_f1": float(np.mean(f1)), "n": len(f1)}
 
 
-RETRIEVAL_TASKS = ("acronym", "paraphrase", "summarisation")
-CASE_KEYS = {**{t: ("query", "answer") for t in RETRIEVAL_TASKS},
-             "error": ("findings", "impression", "wrong")}
-# variants that restyle a report; "abbreviated" and "expanded" are the acronym task's
-PARAPHRASE_STYLES = ("shuffled", "omit_normal", "partitioned", "impression_only")
-
-
-def _error_impressions(impression, rng, data, n=3):
-    """n impressions with one injected error each, of different kinds where enough kinds apply."""
-    kinds = list(data.ERROR_KINDS)
-    rng.shuffle(kinds)
-    seen, wrong, used = {data.normalize_for_match(impression)}, [], []
-    for kind in kinds + kinds:  # the second pass repeats kinds when fewer than n apply
-        text = data.inject_error(impression, kind, rng)
-        if text and data.normalize_for_match(text) not in seen:
-            seen.add(data.normalize_for_match(text))
-            wrong.append(text)
-            used.append(kind)
-            if len(wrong) == n:
-                return wrong, used
-    return None
-
-
-def build_text_cases(reports, rng, n=None):
-    """Cases for every text task from data.Report objects (real or synthetic), using data.py's
-    variants and errors. rng: the generator data.make_variants takes (numpy's or random.Random:
-    only shuffle and choice are used here). Returns
-    {task: [case, ...]} in the same format as read_cases_jsonl; retrieval cases carry a "key"
-    (the normalised answer) so that identical answers are merged."""
-    import data
-    reports = list(reports)
-    if n is not None and n < len(reports):
-        rng.shuffle(reports)
-        reports = reports[:n]
-    case = lambda q, a: {"query": q, "answer": a, "key": data.normalize_for_match(a)}
-    cases = {task: [] for task in CASE_KEYS}
-    for report in reports:
-        variants = data.make_variants(report, rng)
-        # make_variants leaves out "expanded" when it equals the report (no abbreviations to expand)
-        expanded = variants.get("expanded") or report.text()
-        if variants.get("abbreviated") and variants["abbreviated"] != expanded:  # else nothing to understand
-            cases["acronym"].append(case(variants["abbreviated"], expanded))
-        styles = [s for s in PARAPHRASE_STYLES if variants.get(s) and variants[s] != report.text()]
-        if styles:
-            cases["paraphrase"].append(case(variants[rng.choice(styles)], report.text()))
-        if report.findings and report.impression:
-            cases["summarisation"].append(case(report.findings, report.impression))
-            errors = _error_impressions(report.impression, rng, data)
-            if errors:
-                cases["error"].append({"findings": report.findings, "impression": report.impression,
-                                       "wrong": errors[0], "kinds": errors[1]})
-    return cases
-
-
-def read_cases_jsonl(path, task):
-    """Prepared cases for one task, one JSON object a line: {"query", "answer", optional "key"}
-    for the retrieval tasks, {"findings", "impression", "wrong": [...], optional "kinds"} for
-    "error". Malformed input raises ValueError naming the line."""
-    if task not in CASE_KEYS:
-        raise ValueError(f"unknown task {task!r}; valid: {', '.join(CASE_KEYS)}")
-    cases = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                c = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(c, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            for key in CASE_KEYS[task]:
-                if key not in c:
-                    raise ValueError(f"{where}: missing key {key!r} "
-                                     f"(a {task} case needs {', '.join(CASE_KEYS[task])})")
-            if task == "error" and not (isinstance(c["wrong"], list) and c["wrong"]):
-                raise ValueError(f"{where}: 'wrong' must be a non-empty list of impressions")
-            if task == "error" and len(c.get("kinds", c["wrong"])) != len(c["wrong"]):
-                raise ValueError(f"{where}: 'kinds' needs one entry per wrong impression")
-            cases.append(c)
-    return cases
-
-
 def evaluate_text_tasks(embed, cases):
     """Run every task in {task: [case, ...]} (from build_text_cases or read_cases_jsonl)."""
     results = {}
@@ -399,44 +314,47 @@ def evaluate_text_tasks(embed, cases):
 
 
 # ---------------------------------------------------------------------------------------------
-# Results: JSON and a Markdown table
+# The CLIP model: image features and retrieval on a split (train_clip.py calls these too)
 # ---------------------------------------------------------------------------------------------
 
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        out |= _flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + str(k): v}
-    return out
+@torch.no_grad()
+def image_features(model, dataset, batch_size=64, precision="fp32"):
+    """(N, e) L2-normalised image features of the readable items of `dataset`, and their indices (N,).
+    Items as synthetic.SyntheticStudies / data.ImageReportDataset give them ((image, text, index), None if
+    unreadable); give the dataset the evaluation transform (data.ImageTransform(train=False))."""
+    env = Env(next(model.parameters()).device, precision=precision)
+    model.eval()
+    features, kept = [], []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="embedding images", leave=False):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images, _, indices, _ = data.collate_pairs(items)
+        if len(indices):
+            with env.autocast():
+                features.append(model.encode_image(images.to(env.device)).float().cpu())
+            kept.append(indices)
+    return torch.cat(features), torch.cat(kept)
 
 
-def _cell(v):
-    if v is None:
-        return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|")
+def evaluate_split(model, text_fn, dataset, texts_by_style, precision, batch_size=64):
+    """{style: metrics}: image <-> report retrieval on one split, the images embedded once, the reports
+    in each style. Identical reports merge into one gallery entry; chance R@k = k / distinct reports."""
+    image_f, kept = image_features(model, dataset, batch_size, precision)
+    results = {}
+    for style, texts in texts_by_style.items():
+        texts = [texts[i] for i in kept.tolist()]
+        keys = report_keys(texts)
+        r = image_text_retrieval(image_f, text_fn(texts), keys)
+        short = lambda m: {k: m[k] for k in ("R@1", "R@5", "R@10", "mean_rank")}
+        n = len(set(keys))
+        chance = {f"R@{k}": 100 * min(1, k / n) for k in (1, 5, 10)} | {"mean_rank": (n + 1) / 2}
+        results[style] = dict(image_to_text=short(r["image_to_text"]), text_to_image=short(r["text_to_image"]),
+                              reports=n, chance=chance, unreadable=len(dataset) - len(kept))
+    return results
 
 
-def results_table(rows):
-    """Markdown table, a row per model, a column per (flattened: "image_to_text/R@5") metric."""
-    rows = {model: _flatten(metrics) for model, metrics in rows.items()}
-    columns = list(dict.fromkeys(c for metrics in rows.values() for c in metrics))
-    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {model} | " + " | ".join(_cell(m.get(c)) for c in columns) + " |"
-              for model, m in rows.items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(results, out_dir, name):
-    """Write {model: metrics} as out_dir/name.json and out_dir/name.md; returns both paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    md_path.write_text(results_table(results))
-    return json_path, md_path
-
-
-# --- command ---
-# python evaluate.py CONFIG [key=value ...] evaluates what the config's runs saved under out_dir:
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
 # 1. every text encoder in eval.models on the report tasks above, built from the TEST split of
 #    data.source (real Open-I by default), or read from the eval.cases files;
 # 2. when train_clip.py has saved out_dir/clip, the CLIP model on synthetic test studies: image <->
@@ -444,25 +362,16 @@ def write_results(results, out_dir, name):
 # It writes out_dir/eval/: results.json (everything), results.md (the tables, also printed), and
 # pictures of what was retrieved: retrieval.html (self-contained) and a PNG contact sheet per model.
 
+
 RAW_MODELS = ("raw", "raw_bidirectional")
 HEADLINE = [("acronym", "R@1"), ("acronym", "R@5"), ("paraphrase", "R@1"), ("paraphrase", "R@5"),
             ("summarisation", "R@1"), ("summarisation", "R@5"), ("error", "top1_accuracy"),
             ("clinical", "label_f1")]
 MERGE_NOTES = {  # eval.merge: which reports count as a hit in image <-> report retrieval
     "text": "identical normalised reports are one gallery entry, a hit for every image whose report "
-            "it is (evaluate.report_keys)",
+            "it is (report_keys)",
     "text+labels": "reports with identical normalised text and identical labels are one entry",
     "none": "only an image's own report is a hit; identical reports are not merged"}
-
-
-def text_dir_of(name, cfg):
-    """The stage-1 folder of an eval.models entry: "trained" is out_dir/text; any other entry is a
-    path, to a text/ folder or to an out_dir holding one."""
-    path = os.path.join(cfg.out_dir, "text") if name == "trained" else name
-    if not os.path.exists(os.path.join(path, "encoder.json")) \
-            and os.path.exists(os.path.join(path, "text", "encoder.json")):
-        path = os.path.join(path, "text")
-    return path
 
 
 def check_eval_config(cfg):
@@ -515,11 +424,10 @@ def cached_embed(embed, name, batch_size):
 def text_cases(cfg):
     """{task: [case]} from the test split of data.source (eval.max_reports of them, 0 = all), each
     task replaced by its eval.cases file where given; and {task: where its cases came from}."""
-    import train_text  # it imports this module: not at the top
     cases = {task: [] for task in CASE_KEYS}
     source = f"the {cfg.data.source} test split"
     if set(cfg.eval.cases) != set(CASE_KEYS):
-        reports = train_text.load_reports(cfg)["test"]
+        reports = data.load_reports(cfg)["test"]
         cases = build_text_cases(reports, random.Random(cfg.seed), cfg.eval.max_reports or None)
         source += f" ({min(len(reports), cfg.eval.max_reports or len(reports))} reports)"
     for task, path in cfg.eval.cases.items():
@@ -538,14 +446,13 @@ def merged_gallery(answers, keys):
 def evaluate_text_model(embed, cases, examples, k=5):
     """All text tasks; clinical similarity of each summarisation query's top-1 impression; and the
     top-k of the sampled summarisation queries in `examples`, for the pictures."""
-    import data
     results = evaluate_text_tasks(embed, cases)
     summ, rows = cases["summarisation"], []
     if summ:
         answers = [c["answer"] for c in summ]
         gallery, keys = merged_gallery(answers, [c.get("key", c["answer"]) for c in summ])
         scores, idx = topk_retrieve(embed([c["query"] for c in summ]), embed(gallery), k)
-        label = functools.lru_cache(maxsize=None)(data.label_report)  # gallery reports recur
+        label = functools.lru_cache(maxsize=None)(label_report)  # gallery reports recur
         results["clinical"] = clinical_similarity([gallery[i] for i in idx[:, 0]], answers, label)
         for q in examples:
             key = summ[q].get("key", summ[q]["answer"])
@@ -560,22 +467,18 @@ def headline(results):
     return {f"{task} {metric}": results.get(task, {}).get(metric) for task, metric in HEADLINE}
 
 
-# ---- stage 2: the CLIP model on synthetic test studies ----
-
 def evaluate_clip(cfg, env, clip_dir):
     """Image <-> report retrieval per test style and zero-shot AUROC per label on train_clip.py's
     synthetic test studies (clip.test_n; the same images in every style, only the reports change);
     plus the top-5 of sampled image queries per style, for the pictures."""
-    import data
-    import train_clip  # it imports this module: not at the top
     e = cfg.eval
-    clip_model, text_fn = train_clip.load_clip_model(clip_dir, env.device, env.precision)
+    clip_model, text_fn = load_clip_model(clip_dir, env.device, env.precision)
     with open(os.path.join(clip_dir, "clip.json")) as f:
         spec = json.load(f)
     image = spec["image"]  # the size and normalisation the image tower was trained with
-    studies = data.SyntheticStudies(cfg.clip.test_n, cfg.seed, image["size"], cfg.data.test_styles, "test",
+    studies = SyntheticStudies(cfg.clip.test_n, cfg.seed, image["size"], cfg.data.test_styles, "test",
                                     data.ImageTransform(**image), os.path.join(clip_dir, spec["cache_dir"]))
-    image_emb, kept = train_clip.image_features(clip_model, studies, precision=env.precision)  # (N, e)
+    image_emb, kept = image_features(clip_model, studies, precision=env.precision)  # (N, e)
     kept = kept.tolist()
     labels = [studies.labels(i)["chexpert"] for i in kept]
     out = {"studies": len(kept), "merge": e.merge, "merge_note": MERGE_NOTES[e.merge], "styles": {}}
@@ -599,87 +502,6 @@ def evaluate_clip(cfg, env, clip_dir):
     out["zero_shot"] = zero_shot_classify(image_emb, pos, neg, truth, n_boot=e.n_boot, seed=cfg.seed)
     return out, examples
 
-
-# ---- pictures: what each model retrieved ----
-
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def _wrap(text, font, width, max_lines):
-    chars = max(8, int(width / (font.getlength("abcdefghij klmnopqrstuvwxyz") / 27)))
-    lines = textwrap.wrap(text, chars)
-    return lines[:max_lines - 1] + ["..."] if len(lines) > max_lines else lines
-
-
-def contact_sheet(title, rows, query_w=320, hit_w=250, row_h=180, thumb=120):
-    """A PIL image: per row the query (image, or text), its true report, and its top-5 with
-    similarities, correct reports framed and tinted green."""
-    font, small, line = _font(13), _font(11), 15  # multiline_text: 11 px glyphs + 4 px spacing
-    k = max((len(r["hits"]) for r in rows), default=5)
-    sheet = Image.new("RGB", (query_w + k * hit_w + 10, 40 + len(rows) * row_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((10, 10), title, fill="black", font=font)
-    lines = lambda text, width, height: "\n".join(_wrap(text, small, width, height // line))
-    for r, row in enumerate(rows):
-        y = 40 + r * row_h
-        if row.get("image") is not None:  # the image, its report beside it
-            sheet.paste(Image.fromarray(row["image"]).convert("RGB").resize((thumb, thumb)), (10, y))
-            draw.multiline_text((thumb + 18, y), lines("TRUE: " + row["truth"], query_w - thumb - 30, row_h - 10),
-                                fill="#555555", font=small)
-        else:  # the query text, its true answer below it
-            draw.multiline_text((10, y), lines("QUERY: " + row["query"], query_w - 20, 7 * line),
-                                fill="black", font=small)
-            draw.multiline_text((10, y + 7 * line + 4), lines("TRUE: " + row["truth"], query_w - 20,
-                                                               row_h - 7 * line - 14), fill="#555555", font=small)
-        for j, (text, score, correct) in enumerate(row["hits"]):
-            x0 = query_w + j * hit_w
-            draw.rectangle([x0, y, x0 + hit_w - 8, y + row_h - 10], fill="#dcf5dc" if correct else "#f4f4f4",
-                           outline="#1a9c1a" if correct else "#bbbbbb", width=3 if correct else 1)
-            draw.text((x0 + 6, y + 4), f"#{j + 1}  sim {score:.3f}" + ("  correct" if correct else ""),
-                      fill="#1a7a1a" if correct else "black", font=font)
-            draw.multiline_text((x0 + 6, y + 24), lines(text, hit_w - 20, row_h - 40), fill="black", font=small)
-        draw.line([(0, y + row_h - 3), (sheet.width, y + row_h - 3)], fill="#dddddd")
-    return sheet
-
-
-def _png_base64(image):
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def retrieval_html(sections, note):
-    """One self-contained page (images inlined as base64 PNG): a table per model."""
-    parts = ["<!doctype html><meta charset='utf-8'><title>What was retrieved</title><style>"
-             "body{font:14px sans-serif;margin:20px} td{vertical-align:top;padding:6px;"
-             "border:1px solid #ccc;width:16%} .hit{background:#f6f6f6} .correct{background:#dcf5dc;"
-             "border:3px solid #1a9c1a} .sim{font-weight:bold} .truth{color:#555}</style>",
-             f"<h1>What was retrieved</h1><p>{escape(note)}</p>"]
-    for _, title, rows in sections:
-        parts.append(f"<h2>{escape(title)}</h2><table>")
-        for row in rows:
-            if row.get("image") is not None:
-                query = f"<img width=160 src='data:image/png;base64,{_png_base64(Image.fromarray(row['image']))}'>"
-            else:
-                query = f"<b>query</b>: {escape(row['query'])}"
-            cells = [f"<td>{query}<p class=truth><b>true</b>: {escape(row['truth'])}</p></td>"]
-            cells += [f"<td class='{'hit correct' if ok else 'hit'}'><span class=sim>#{j + 1} "
-                      f"sim {s:.3f}{' correct' if ok else ''}</span><br>{escape(text)}</td>"
-                      for j, (text, s, ok) in enumerate(row["hits"])]
-            parts.append("<tr>" + "".join(cells) + "</tr>")
-        parts.append("</table>")
-    return "\n".join(parts) + "\n"
-
-
-def _slug(name):
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
-
-
-# ---- the command ----
 
 def markdown_report(results, n_boot):
     """The tables of results.md: text encoders, error kinds, and the CLIP model if there is one."""
@@ -705,7 +527,7 @@ def markdown_report(results, n_boot):
                           | {"gallery entries": r["gallery_entries"]}
                           for style, r in clip["styles"].items()}),
            f"\nZero-shot classification (CheXzero prompts), AUROC with bootstrap 95 % CI ({n_boot} "
-           f"resamples); mean AUROC {_cell(clip['zero_shot']['mean_auroc'])}:\n\n",
+           f"resamples); mean AUROC {cell(clip['zero_shot']['mean_auroc'])}:\n\n",
            results_table({name: {"AUROC": v["auroc"], "95% CI": None if v["auroc"] is None else
                                  f"{v['ci_low']:.3f}-{v['ci_high']:.3f}", "positives": v["n_pos"],
                                  "negatives": v["n_neg"]}
@@ -714,7 +536,6 @@ def markdown_report(results, n_boot):
 
 
 def main(argv):
-    from train_text import make_embed  # it imports this module: not at the top
     cfg = load_config(argv[0], argv[1:])
     env, e = setup(cfg), cfg.eval
     check_eval_config(cfg)
@@ -730,7 +551,7 @@ def main(argv):
     for name in e.models:
         t0 = time.perf_counter()
         encoder, tokenizer, mcfg = load_encoder(name, cfg, env.device)
-        embed = cached_embed(make_embed(encoder, tokenizer, replace(cfg, model=mcfg), env, e.batch_size),
+        embed = cached_embed(make_embed(encoder, tokenizer, mcfg, env.precision, e.batch_size),
                              name, e.batch_size)
         text[name], rows = evaluate_text_model(embed, cases, examples)
         text[name]["seconds"] = time.perf_counter() - t0
@@ -757,10 +578,10 @@ def main(argv):
             "with the same text.")
     (out_dir / "retrieval.html").write_text(retrieval_html(sections, note))
     for name, title, rows in sections:
-        contact_sheet(title, rows).save(out_dir / f"retrieval_{_slug(name)}.png")
+        contact_sheet(title, rows).save(out_dir / f"retrieval_{slug(name)}.png")
     print(table)
     print(f"written to {out_dir}/: results.json, results.md, retrieval.html, "
-          + ", ".join(f"retrieval_{_slug(name)}.png" for name, _, _ in sections))
+          + ", ".join(f"retrieval_{slug(name)}.png" for name, _, _ in sections))
     return results
 
 

@@ -1,6 +1,6 @@
-"""What train_text.py, train_clip.py and evaluate.py share: the config (YAML onto dataclasses, with
-`key=value` overrides), device and precision set-up, distributed set-up, atomic checkpoints, and
-logging (JSONL + a loss plot drawn with pillow).
+"""What train_text.py, train_clip.py and evaluate.py share (a support module): the config (YAML
+onto dataclasses, with `key=value` overrides), device and precision set-up, distributed set-up,
+atomic checkpoints, and the training loop both stages run.
 
     cfg = load_config("configs/small.yaml", ["text.mntp.lr=1e-4", "out_dir=runs/try"])
 
@@ -106,7 +106,7 @@ class ClipConfig:
     vision: str = "tiny"           # a model.VISION_PRESETS name (random init), or a Hugging Face CLIP folder to start from
     channels: int = 1              # 1: grayscale as it is (RGB checkpoints: kernel summed, exact); 3: replicated
     embed_dim: int = 256           # the joint space
-    images: str = "synthetic"      # synthetic: data.SyntheticStudies | real: the data.source reports whose images exist
+    images: str = "synthetic"      # synthetic: synthetic.SyntheticStudies | real: the data.source reports whose images exist
     train_n: int = 0               # synthetic training studies; 0: data.synthetic_n
     val_n: int = 200               # synthetic validation studies, evaluated in each of data.test_styles
     test_n: int = 200              # synthetic held-out test studies, likewise; chance R@k is k / distinct reports
@@ -307,6 +307,16 @@ def all_mean(x: float, env: Env) -> float:
     return t.item() / env.world_size
 
 
+def rank0_first(env, fn):
+    """fn() on rank 0, then on the other ranks: rank 0 fills a cache (images, embeddings), they read it."""
+    if env.world_size > 1 and not env.is_main:
+        torch.distributed.barrier()
+    out = fn()
+    if env.world_size > 1 and env.is_main:
+        torch.distributed.barrier()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The training loop both stages share
 # ---------------------------------------------------------------------------------------------
@@ -425,99 +435,3 @@ def train_loop(name, model, loss_fn, batches, stage: "StageConfig", cfg: Config,
         log.close()
     model.eval()
     return records
-
-
-# ---------------------------------------------------------------------------------------------
-# The stage-1 encoder on disk: base model + each stage's adapter (or weights) + pooler
-# ---------------------------------------------------------------------------------------------
-
-def build_llm(mcfg: ModelConfig, seed: int, device):
-    """The LLM and its tokenizer: real weights, or a random model for tests (`path: random`)."""
-    import model  # model.py imports this module, so not at the top
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[mcfg.dtype]
-    if mcfg.path != "random":
-        return model.load_llm(mcfg.path, dtype=dtype, device=device)
-    tokenizer = model.load_tokenizer(mcfg.tokenizer)
-    torch.manual_seed(seed)
-    llm = model.LLM(model.LlamaConfig(vocab_size=tokenizer.get_vocab_size(), **mcfg.random_init)).init_weights()
-    return llm.to(device, dtype).eval(), tokenizer
-
-
-def pad_id(llm_config) -> int:
-    c = llm_config
-    return c.pad_token_id if c.pad_token_id is not None else (c.eos_token_id or 0)
-
-
-def save_stage(encoder, stage_dir: str, lora: bool) -> dict:
-    """Save what redoing this stage on load needs: its LoRA adapter (PEFT format) or its full
-    weights, and the pooler if there is one. Returns the stage's entry for encoder.json."""
-    import model
-    from safetensors.torch import save_file
-    entry = {"dir": os.path.basename(stage_dir)}
-    if lora:
-        model.save_adapter(encoder.llm, os.path.join(stage_dir, "adapter"))
-        entry["adapter"] = "adapter"
-    else:
-        weights = {k: v.contiguous() for k, v in encoder.llm.state_dict().items() if k != "lm_head.weight"}
-        atomic_write(os.path.join(stage_dir, "model.safetensors"), lambda p: save_file(weights, p))
-        entry["weights"] = "model.safetensors"
-    if encoder.pooler is not None:
-        atomic_write(os.path.join(stage_dir, "pooler.safetensors"),
-                     lambda p: save_file(dict(encoder.pooler.state_dict()), p))
-        entry["pooler"] = "pooler.safetensors"
-    return entry
-
-
-def load_text_encoder(text_dir: str, device="cpu"):
-    """(TextEncoder, tokenizer, ModelConfig) from `text_dir/encoder.json`: the base model, then
-    each stage's adapter merged in order (or its full weights), then the pooler."""
-    import model
-    from safetensors.torch import load_file
-    path = os.path.join(text_dir, "encoder.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} not found: run train_text.py with this config first")
-    with open(path) as f:
-        spec = json.load(f)
-    mcfg = ModelConfig(**spec["model"])
-    llm, tokenizer = build_llm(mcfg, spec["seed"], device)
-    encoder = model.TextEncoder(llm, mcfg.pooling, mcfg.num_latents).to(device)
-    for stage in spec["stages"]:
-        d = os.path.join(text_dir, stage["dir"])
-        if "adapter" in stage:
-            model.merge_lora(model.load_adapter(llm, os.path.join(d, stage["adapter"])))
-        else:
-            llm.load_state_dict(load_file(os.path.join(d, stage["weights"])), strict=False)
-        if "pooler" in stage:
-            encoder.pooler.load_state_dict(load_file(os.path.join(d, stage["pooler"])))
-    return encoder.requires_grad_(False).eval(), tokenizer, mcfg
-
-
-# ---------------------------------------------------------------------------------------------
-# Pictures of the run
-# ---------------------------------------------------------------------------------------------
-
-def plot_losses(log_paths: dict, png_path: str, size=(720, 400)):
-    """Loss against step for each stage, drawn with pillow (no plotting library needed)."""
-    from PIL import Image, ImageDraw
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    W, H, pad = size[0], size[1], 40
-    panels = [(n, [json.loads(l) for l in open(p)]) for n, p in log_paths.items() if os.path.exists(p)]
-    panels = [(n, recs) for n, recs in panels if recs]
-    width = (W - pad) // max(1, len(panels))
-    for k, (name, recs) in enumerate(panels):
-        steps, losses = [r["step"] for r in recs], [r["loss"] for r in recs]
-        x0, x1, y0, y1 = pad + k * width, pad + (k + 1) * width - 10, pad, H - pad
-        lo, hi = min(losses), max(losses)
-        hi = hi if hi > lo else lo + 1
-        draw.rectangle([x0, y0, x1, y1], outline="black")
-        pts = [(x0 + (x1 - x0) * (s - steps[0]) / max(1, steps[-1] - steps[0]), y1 - (y1 - y0) * (v - lo) / (hi - lo))
-               for s, v in zip(steps, losses)]
-        if len(pts) > 1:
-            draw.line(pts, fill=colors[k % len(colors)], width=2)
-        draw.text((x0 + 4, y0 - 14), f"{name} loss", fill="black")
-        draw.text((x0 + 4, y0 + 2), f"{hi:.3g}", fill="gray")
-        draw.text((x0 + 4, y1 - 12), f"{lo:.3g}", fill="gray")
-        draw.text((x1 - 60, y1 + 4), f"step {steps[-1]}", fill="gray")
-    img.save(png_path)

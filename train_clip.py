@@ -1,4 +1,4 @@
-"""Stage 2 (PAPER.md, LLM2CLIP4CXR): align a ViT image tower with the stage-1 report encoder.
+"""Stage 2 (LLM2CLIP4CXR; Ko et al. 2025, arXiv 2509.15234, sec. 2; LLM2CLIP, arXiv 2411.04997): align a ViT image tower with the stage-1 report encoder.
 
     python train_text.py configs/small.yaml && python train_clip.py configs/small.yaml
     python train_clip.py configs/tiny.yaml clip.text_mode=lora out_dir=runs/t
@@ -10,7 +10,7 @@
    of another run's text/ folder) or the untrained LLM with mean pooling (`raw`: the paper's
    baseline), used in one of two ways:
    - `frozen` (LLM2CLIP's cheap variant): every report is embedded once by the frozen encoder and
-     kept in a cache (model.embedding_cache) keyed by the encoder's files; only an adapter MLP reads
+     kept in a cache (encoders.embedding_cache) keyed by the encoder's files; only an adapter MLP reads
      the embeddings. A step then costs a ViT pass, not an LLM pass: this makes CPU training practical.
    - `lora`: LoRA (r 16, alpha 32, dropout 0.1) on q/k/v/o of the LLM; reports tokenised per batch.
 2. Image tower: a ViT from model.VISION_PRESETS (random init) or a Hugging Face CLIP folder, on
@@ -18,7 +18,7 @@
 3. Loss: symmetric CLIP InfoNCE, learnable temperature from 0.07, logit scale clamped at 100. Under
    torchrun the features of all ranks are gathered, so N processes with batch b train exactly as one
    process with batch N·b (tests/test_train_clip.py checks it). clip.optim.batch_size is per process.
-4. Data: synthetic radiographs with reports (data.SyntheticStudies): `clip.train_n` studies written in
+4. Data: synthetic radiographs with reports (synthetic.SyntheticStudies): `clip.train_n` studies written in
    data.train_styles, `clip.val_n` validation and `clip.test_n` test studies, each evaluated in every
    one of data.test_styles separately: the same images, their reports in another style (the paper's
    external generalisation). `clip.images: real` trains on the data.source reports whose images exist.
@@ -31,15 +31,14 @@ the model), log.jsonl, val.jsonl, loss.png, eval.json + eval.md, ckpt.pt (resume
 and cache/ (the drawn images, the frozen encoder's report embeddings; `clip.cache_dir` lets several runs
 share one, as configs/ablations.py does). To use the model elsewhere:
 
-    from train_clip import load_clip_model, image_features
+    from encoders import load_clip_model; from evaluate import image_features
     model, text_fn = load_clip_model("runs/small/clip")          # text_fn(list of str) -> (N, e)
     image = json.load(open("runs/small/clip/clip.json"))["image"]  # size, channels, mean, std
-    dataset = data.SyntheticStudies(200, size=image["size"], split="test", transform=data.ImageTransform(**image))
+    dataset = synthetic.SyntheticStudies(200, size=image["size"], split="test", transform=data.ImageTransform(**image))
     image_f, kept = image_features(model, dataset)               # (N, e), and the items that could be read
 """
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -52,90 +51,25 @@ import data
 import evaluate
 import losses
 import model as M
-from runtime import (Config, EndlessBatches, Env, ModelConfig, all_mean, atomic_write, build_llm, load_config,
-                     load_text_encoder, pad_id, plot_losses, save_config, setup, trainable_state, train_loop)
-from train_text import load_reports, make_embed
+import synthetic
+from encoders import (embedding_cache, frozen_embedder, make_text_fn, pad_id, standardized, text_dir_of, text_source,
+                      tokenized_text)
+from results import plot_losses, results_table, write_results
+from runtime import (EndlessBatches, all_mean, atomic_write, load_config, rank0_first, save_config, setup,
+                     trainable_state, train_loop)
+from weights import load_clip_vision
 
-# openai CLIP's normalisation, for its checkpoints; a gray image takes the channel average (model.load_clip_vision)
+# openai CLIP's normalisation, for its checkpoints; a gray image takes the channel average (weights.load_clip_vision)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 # ---------------------------------------------------------------------------------------------
-# The text encoder: where it comes from, an id that changes with its weights, loaded only if used
+# Data: studies, and the text side of a batch
 # ---------------------------------------------------------------------------------------------
-
-def _file_hash(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def text_source(kind, text_dir, model_cfg, seed):
-    """(ModelConfig, encoder_id, load) of the stage-1 encoder in text_dir (kind `trained`) or of the
-    untrained LLM of model_cfg with mean pooling (`raw`). encoder_id names the weights: encoder.json
-    and a hash of every file it lists, so rerunning stage 1 starts a new embedding cache.
-    load(device) -> (TextEncoder, tokenizer) is called only when the encoder must run."""
-    if kind == "raw":
-        mcfg = dataclasses.replace(model_cfg, pooling="mean")
-        encoder_id = "raw:" + json.dumps(dict(model=dataclasses.asdict(mcfg), seed=seed), sort_keys=True)
-
-        def load(device):  # the seed matters only for model.path: random
-            llm, tokenizer = build_llm(mcfg, seed, device)
-            return M.TextEncoder(llm, "mean").to(device).requires_grad_(False).eval(), tokenizer
-        return mcfg, encoder_id, load
-    if kind != "trained":
-        raise ValueError(f"clip.text_encoder must be trained or raw, got {kind!r}")
-    path = os.path.join(text_dir, "encoder.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no stage-1 encoder at {path!r}: run train_text.py with this config first "
-                                "(or set clip.text_encoder=raw to align the images with the untrained LLM)")
-    with open(path) as f:
-        spec = json.load(f)
-    files = []
-    for stage in spec["stages"]:
-        d = os.path.join(text_dir, stage["dir"])
-        files += [os.path.join(d, stage["adapter"], n) for n in ("adapter_config.json", "adapter_model.safetensors")] \
-            if "adapter" in stage else [os.path.join(d, stage["weights"])]
-        files += [os.path.join(d, stage["pooler"])] if "pooler" in stage else []
-    encoder_id = "trained:" + json.dumps(spec, sort_keys=True) + ":" + ",".join(map(_file_hash, files))
-    return ModelConfig(**spec["model"]), encoder_id, lambda device: load_text_encoder(text_dir, device)[:2]
-
-
-def frozen_embedder(load, mcfg, env, batch_size):
-    """texts -> (N, d) embeddings by the frozen encoder, loaded on the first call."""
-    state = {}
-
-    def embed(texts):
-        if not state:
-            encoder, tokenizer = load(env.device)
-            state["fn"] = make_embed(encoder, tokenizer, Config(model=mcfg), env, batch_size)
-        return state["fn"](texts)
-    return embed
-
-
-def standardized(embed, mean, std):
-    """Frozen mode: the encoder's embeddings standardised per dimension with training-set statistics.
-    Pooled LLM states share a large common component (and a few "massive" dimensions, Sun et al. 2024)
-    that would dominate the adapter's LayerNorm; without this the tiny config collapses at lr 5e-3."""
-    return lambda texts: (embed(texts) - mean) / std
-
 
 def cached_text(embeddings, indices, texts):
     """Frozen mode: a batch's text side is its rows of the embedding cache, (B, d)."""
     return {"text": embeddings[indices]}
 
-
-def tokenized_text(tokenizer, mcfg, pad, indices, texts):
-    """LoRA mode: the reports tokenised as in stage 1, padded to the batch's longest."""
-    b = data.encode_batch(tokenizer, texts, mcfg.max_len, pad, mcfg.instruction or None, data.SEPARATOR,
-                          mcfg.padding_side)
-    return {"text": b["input_ids"], "attention_mask": b["attention_mask"], "embed_mask": b["embed_mask"]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: studies, and batches that are a pure function of their index (exact resume, torchrun)
-# ---------------------------------------------------------------------------------------------
 
 def load_studies(cfg, mean, std, cache_dir):
     """(train dataset, its report texts, {"val" | "test": (dataset, {style: report text per item})}).
@@ -144,10 +78,10 @@ def load_studies(cfg, mean, std, cache_dir):
     image = dict(size=d.image_size, channels=c.channels, mean=mean, std=std)
     train_tf, eval_tf = data.ImageTransform(train=True, seed=cfg.seed, **image), data.ImageTransform(**image)
     if c.images == "synthetic":
-        unknown = [s for s in d.train_styles + d.test_styles if s not in data.REPORT_STYLES]
+        unknown = [s for s in d.train_styles + d.test_styles if s not in synthetic.REPORT_STYLES]
         if unknown:
-            raise ValueError(f"unknown report styles {unknown}; choose from {data.REPORT_STYLES}")
-        studies = lambda n, styles, split, tf: data.SyntheticStudies(n, cfg.seed, d.image_size, styles, split, tf,
+            raise ValueError(f"unknown report styles {unknown}; choose from {synthetic.REPORT_STYLES}")
+        studies = lambda n, styles, split, tf: synthetic.SyntheticStudies(n, cfg.seed, d.image_size, styles, split, tf,
                                                                       cache_dir)  # drawn once, then memory-mapped
         train = studies(c.train_n or d.synthetic_n, d.train_styles, "train", train_tf)
         evals = {}
@@ -157,7 +91,7 @@ def load_studies(cfg, mean, std, cache_dir):
         return train, [train.report(i).text() for i in range(len(train))], evals
     if c.images != "real":
         raise ValueError(f"clip.images must be synthetic or real, got {c.images!r}")
-    reports = load_reports(cfg)
+    reports = data.load_reports(cfg)
     train = data.ImageReportDataset(reports["train"], train_tf)
     if not len(train):
         raise FileNotFoundError(f"no {d.source} training reports with images found (data.path={d.path!r}, "
@@ -169,52 +103,8 @@ def load_studies(cfg, mean, std, cache_dir):
     return train, [r.text() for r in train.reports], evals
 
 
-class PairBatches(torch.utils.data.Dataset):
-    """Batch i of an epoch: the studies order[i·B:(i+1)·B] of a permutation seeded by (seed, epoch)
-    alone; crops seeded by (study, epoch). Since the order does not depend on B, under torchrun rank r's
-    batch i (our batch N·i + r, see runtime.EndlessBatches) is the r-th part of a single process's batch i
-    at batch size N·B: the same global batch, gathered in the same order.
-
-    `text_side(indices, texts) -> dict` adds the text side (cached embeddings or tokens). An unreadable
-    image is replaced by the next study of the epoch's order after this batch, and counted."""
-
-    def __init__(self, studies, text_side, batch_size, seed):
-        self.studies, self.text_side, self.batch_size, self.seed = studies, text_side, batch_size, seed
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch):
-        self.epoch = self.studies.epoch = epoch  # the studies' transform reads the epoch: fresh crops
-        self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.studies)).tolist()
-
-    def __len__(self):
-        return len(self.studies) // self.batch_size
-
-    def __getitem__(self, i):
-        B, n = self.batch_size, len(self.order)
-        items, spare = [], (i + 1) * B
-        for j in self.order[i * B:(i + 1) * B]:
-            item = self.studies[j]
-            while item is None and spare < (i + 1) * B + n:
-                item, spare = self.studies[self.order[spare % n]], spare + 1
-            if item is None:
-                raise OSError(f"none of the {n} training images can be read")
-            items.append(item)
-        images, texts, indices, _ = data.collate_pairs(items)
-        return {"images": images, **self.text_side(indices, texts), "n_skipped": spare - (i + 1) * B}
-
-
-def rank0_first(env, fn):
-    """fn() on rank 0, then on the other ranks: rank 0 fills a cache (images, embeddings), they read it."""
-    if env.world_size > 1 and not env.is_main:
-        torch.distributed.barrier()
-    out = fn()
-    if env.world_size > 1 and env.is_main:
-        torch.distributed.barrier()
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
-# Model: image tower, CLIP model, features for evaluation
+# Model: the image tower
 # ---------------------------------------------------------------------------------------------
 
 def image_normalisation(c):
@@ -230,107 +120,8 @@ def build_vision(c, image_size):
     if c.vision in M.VISION_PRESETS:
         return M.ViT(M.VisionConfig.preset(c.vision, image_size=image_size, channels=c.channels))
     if os.path.isdir(c.vision):
-        return M.load_clip_vision(c.vision, channels=c.channels)  # its position table is resized to the images
+        return load_clip_vision(c.vision, channels=c.channels)  # its position table is resized to the images
     raise ValueError(f"clip.vision {c.vision!r} is neither a preset ({list(M.VISION_PRESETS)}) nor a folder")
-
-
-def make_text_fn(model, env, batch_size, embed=None, tokenize=None):
-    """texts -> (N, e) L2-normalised text features on the CPU. Frozen mode: embed(texts) -> (N, d),
-    the frozen encoder's embeddings, then the adapter; lora mode: tokenize(texts), then encode_text."""
-    @torch.no_grad()
-    def text_fn(texts):
-        model.eval()
-        out = []
-        with env.autocast():
-            if model.text_mode == "frozen":
-                emb = embed(list(texts))                                   # (N, d)
-                for i in range(0, len(texts), batch_size):
-                    out.append(model.encode_text(emb[i:i + batch_size].to(env.device)).float().cpu())
-            else:
-                for i in range(0, len(texts), batch_size):
-                    b = {k: v.to(env.device) for k, v in tokenize(None, list(texts[i:i + batch_size])).items()}
-                    out.append(model.encode_text(b["text"], b["attention_mask"], b["embed_mask"]).float().cpu())
-        return torch.cat(out)                                              # (N, e)
-    return text_fn
-
-
-@torch.no_grad()
-def image_features(model, dataset, batch_size=64, precision="fp32"):
-    """(N, e) L2-normalised image features of the readable items of `dataset`, and their indices (N,).
-    Items as data.SyntheticStudies / data.ImageReportDataset give them ((image, text, index), None if
-    unreadable); give the dataset the evaluation transform (data.ImageTransform(train=False))."""
-    env = Env(next(model.parameters()).device, precision=precision)
-    model.eval()
-    features, kept = [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="embedding images", leave=False):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        images, _, indices, _ = data.collate_pairs(items)
-        if len(indices):
-            with env.autocast():
-                features.append(model.encode_image(images.to(env.device)).float().cpu())
-            kept.append(indices)
-    return torch.cat(features), torch.cat(kept)
-
-
-def evaluate_split(model, text_fn, dataset, texts_by_style, precision, batch_size=64):
-    """{style: metrics}: image <-> report retrieval on one split, the images embedded once, the reports
-    in each style. Identical reports merge into one gallery entry; chance R@k = k / distinct reports."""
-    image_f, kept = image_features(model, dataset, batch_size, precision)
-    results = {}
-    for style, texts in texts_by_style.items():
-        texts = [texts[i] for i in kept.tolist()]
-        keys = evaluate.report_keys(texts)
-        r = evaluate.image_text_retrieval(image_f, text_fn(texts), keys)
-        short = lambda m: {k: m[k] for k in ("R@1", "R@5", "R@10", "mean_rank")}
-        n = len(set(keys))
-        chance = {f"R@{k}": 100 * min(1, k / n) for k in (1, 5, 10)} | {"mean_rank": (n + 1) / 2}
-        results[style] = dict(image_to_text=short(r["image_to_text"]), text_to_image=short(r["text_to_image"]),
-                              reports=n, chance=chance, unreadable=len(dataset) - len(kept))
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a trained model (evaluate.py uses this)
-# ---------------------------------------------------------------------------------------------
-
-def load_clip_model(clip_dir, device="cpu", precision="fp32", cache=True):
-    """(CLIPModel, text_fn) from what train_clip.py wrote to clip_dir (clip.json, model.safetensors).
-
-    text_fn(list of str) -> (N, e) L2-normalised text features, on the CPU. Frozen mode: the frozen
-    encoder's embeddings (through clip_dir/cache when cache=True, so the reports embedded in training
-    cost nothing), then the adapter; lora mode: tokenised, then the encoder with its LoRA. The stage-1
-    encoder must still be the one the model was trained with (checked by its encoder_id). The numbers of
-    the training-time evaluation come back at the precision it ran at (clip.json: precision)."""
-    from safetensors.torch import load_file
-    with open(os.path.join(clip_dir, "clip.json")) as f:
-        spec = json.load(f)
-    text_dir = os.path.normpath(os.path.join(clip_dir, spec["text_dir"])) if spec["text_dir"] else None
-    mcfg, encoder_id, load = text_source(spec["text_encoder"], text_dir, ModelConfig(**spec["model"]), spec["seed"])
-    if encoder_id != spec["encoder_id"]:
-        raise ValueError(f"the text encoder in {text_dir!r} changed since the CLIP model in {clip_dir!r} was trained "
-                         "on it: retrain the CLIP model (train_clip.py)")
-    env = Env(torch.device(device), precision=precision)
-    vit = M.ViT(M.VisionConfig(**spec["vision"]))
-    if spec["text_mode"] == "frozen":
-        model = M.CLIPModel(vit, spec["embed_dim"], text_mode="frozen", text_dim=spec["text_dim"])
-        embed = frozen_embedder(load, mcfg, env, spec["embed_batch_size"])
-        if cache:
-            embed = functools.partial(M.embedding_cache, embed, cache_dir=os.path.join(clip_dir, spec["cache_dir"]),
-                                      encoder_id=encoder_id, batch_size=spec["embed_batch_size"])
-        tokenize = None
-    else:
-        encoder, tokenizer = load(env.device)
-        model = M.CLIPModel(vit, spec["embed_dim"], encoder, "lora", **spec["lora"])
-        embed, tokenize = None, functools.partial(tokenized_text, tokenizer, mcfg, pad_id(encoder.llm.config))
-    state = load_file(os.path.join(clip_dir, "model.safetensors"))
-    if spec["text_mode"] == "frozen":
-        embed = standardized(embed, state.pop("text_mean"), state.pop("text_std"))
-    missing = sorted(set(trainable_state(model)) - set(state))
-    if missing:
-        raise ValueError(f"{clip_dir}/model.safetensors lacks trained weights: {missing[:5]}")
-    model.load_state_dict(state, strict=False)
-    model.to(env.device).eval()
-    return model, make_text_fn(model, env, spec["embed_batch_size"], embed, tokenize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,14 +142,14 @@ def main(argv):
     if env.is_main:
         save_config(cfg, os.path.join(out, "config.yaml"))
     kind = "raw" if c.text_encoder == "raw" else "trained"
-    text_dir = None if kind == "raw" else evaluate.text_dir_of(c.text_encoder, cfg)
+    text_dir = None if kind == "raw" else text_dir_of(c.text_encoder, cfg)
     mcfg, encoder_id, load_encoder = text_source(kind, text_dir, cfg.model, cfg.seed)
     mean, std = image_normalisation(c)
     train_set, train_texts, evals = rank0_first(env, lambda: load_studies(cfg, mean, std, cache_dir))
 
     # the text tower; the model is seeded afresh after it, as loading a random LLM reseeds
     if c.text_mode == "frozen":
-        embed = functools.partial(M.embedding_cache, frozen_embedder(load_encoder, mcfg, env, c.embed_batch_size),
+        embed = functools.partial(embedding_cache, frozen_embedder(load_encoder, mcfg, env, c.embed_batch_size),
                                   cache_dir=cache_dir, encoder_id=encoder_id, batch_size=c.embed_batch_size)
         eval_texts = [t for _, by_style in evals.values() for texts in by_style.values() for t in texts]
         # every distinct report once, shortest first (batches of similar length pad little), in up to 8
@@ -391,7 +182,7 @@ def main(argv):
               f"{trainable:,} of {total:,} parameters train; {len(train_set)} training pairs")
     text_fn = make_text_fn(model, env, c.embed_batch_size, embed, tokenize)
 
-    batches = PairBatches(train_set, text_side, c.optim.batch_size, cfg.seed)
+    batches = data.PairBatches(train_set, text_side, c.optim.batch_size, cfg.seed)
     skipped = [0]
 
     def loss_fn(net, b):
@@ -403,7 +194,7 @@ def main(argv):
 
     def validate(m, step):  # on rank 0 only; the others wait for it at the next step's all-reduce
         if env.is_main:
-            last_val.update(evaluate_split(m, text_fn, *evals["val"], env.precision))
+            last_val.update(evaluate.evaluate_split(m, text_fn, *evals["val"], env.precision))
             with open(os.path.join(out, "val.jsonl"), "a") as f:
                 f.write(json.dumps(dict(step=step, **last_val)) + "\n")
             print(f"step {step} validation image->report R@5: " +
@@ -429,14 +220,14 @@ def main(argv):
                     vision=dataclasses.asdict(model.vision_model.config), precision=env.precision,
                     image=dict(size=cfg.data.image_size, channels=c.channels, mean=mean, std=std))
         atomic_write(os.path.join(out, "clip.json"), lambda p: open(p, "w").write(json.dumps(spec, indent=2)))
-        val = last_val or evaluate_split(model, text_fn, *evals["val"], env.precision)  # a finished run, resumed
-        test = evaluate_split(model, text_fn, *evals["test"], env.precision)
+        val = last_val or evaluate.evaluate_split(model, text_fn, *evals["val"], env.precision)  # a finished run, resumed
+        test = evaluate.evaluate_split(model, text_fn, *evals["test"], env.precision)
         results = {f"val/{s}": r for s, r in val.items()} | {f"test/{s}": r for s, r in test.items()}
-        evaluate.write_results(results, out, "eval")
+        write_results(results, out, "eval")
         plot_losses({"clip": os.path.join(out, "log.jsonl")}, os.path.join(out, "loss.png"))
         if skipped:
             print(f"{skipped} unreadable training images were replaced by other studies")
-        print(evaluate.results_table({k: dict(image_to_text=v["image_to_text"], text_to_image=v["text_to_image"],
+        print(results_table({k: dict(image_to_text=v["image_to_text"], text_to_image=v["text_to_image"],
                                               chance=v["chance"]) for k, v in results.items()}))
     return model, results
 

@@ -1,4 +1,4 @@
-"""Stage 1 (PAPER.md, LLM2VEC4CXR): turn a decoder LLM into a chest X-ray report encoder.
+"""Stage 1 (LLM2VEC4CXR; Ko et al. 2025, arXiv 2509.15234, sec. 2): turn a decoder LLM into a chest X-ray report encoder.
 
     python train_text.py configs/small.yaml                 # SmolLM2-135M on Open-I, both stages
     python train_text.py configs/tiny.yaml text.stages=[mntp] out_dir=runs/t
@@ -15,7 +15,7 @@
 feeding several contrastive ablations, as configs/ablations.py does).
 Each stage ends with a short held-out evaluation (acronym retrieval, error discrimination). The
 encoder is written to `out_dir/text/encoder.json` (base model + adapters, in order), which
-train_clip.py and evaluate.py load with `load_text_encoder`.
+train_clip.py and evaluate.py load with `encoders.load_text_encoder`.
 """
 import dataclasses
 import json
@@ -23,83 +23,24 @@ import os
 import random
 import sys
 
-import torch
-
 import data
 import evaluate
 import losses
 import model as M
-from runtime import (EndlessBatches, build_llm, load_config, load_text_encoder, pad_id, plot_losses, save_config,
-                     save_stage, setup, train_loop)
-
-# ---------------------------------------------------------------------------------------------
-# Data: reports, and batches that are a pure function of their index (exact resume, any workers)
-# ---------------------------------------------------------------------------------------------
-
-def load_reports(cfg):
-    """{'train' | 'val' | 'test': [Report]} for the configured source, split by study id."""
-    d = cfg.data
-    if d.source == "synthetic":  # each style describes the same studies, in its own words
-        n = {"train": d.synthetic_n, "val": int(d.synthetic_n * d.val_fraction), "test": int(d.synthetic_n * d.test_fraction)}
-        styles = {"train": d.train_styles, "val": d.test_styles, "test": d.test_styles}
-        return {s: [r for style in styles[s] for r in data.synth_reports(cfg.seed, n[s] // len(styles[s]), style, s)]
-                for s in n}
-    readers = {"openi": lambda: data.read_openi(d.path or data.openi_archive_path()),
-               "mimic": lambda: data.read_mimic(d.path), "chexpert_plus": lambda: data.read_chexpert_plus(d.path, d.image_root),
-               "pairs": lambda: data.read_pairs(d.path)}
-    if d.source not in readers:
-        raise ValueError(f"unknown data.source {d.source!r}; choose from {sorted(readers) + ['synthetic']}")
-    splits = {"train": [], "val": [], "test": []}
-    for r in readers[d.source]():
-        if r.findings or r.impression:
-            splits[data.split_of(r.study_id, d.val_fraction, d.test_fraction)].append(r)
-    return splits
-
-
-class MNTPBatches(torch.utils.data.Dataset):
-    """Batch i of an epoch: `batch_size` reports in a seeded shuffled order, tokenised and masked."""
-
-    def __init__(self, reports, collator, batch_size, seed):
-        self.texts, self.collator, self.batch_size, self.seed = [r.text() for r in reports], collator, batch_size, seed
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch):
-        self.epoch, self.order = epoch, list(range(len(self.texts)))
-        random.Random(f"{self.seed}/{epoch}").shuffle(self.order)
-
-    def __len__(self):
-        return len(self.texts) // self.batch_size
-
-    def __getitem__(self, i):
-        texts = [self.texts[j] for j in self.order[i * self.batch_size:(i + 1) * self.batch_size]]
-        return self.collator(texts, seed=self.epoch * len(self) + i)
-
+from cases import build_text_cases
+from encoders import build_llm, load_text_encoder, make_embed, pad_id, save_stage
+from results import plot_losses
+from runtime import EndlessBatches, load_config, save_config, setup, train_loop
 
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
 
-def make_embed(encoder, tokenizer, cfg, env, batch_size=32):
-    """texts -> (N, d) embeddings with the encoder, in batches, without gradients."""
-    pad = pad_id(encoder.llm.config)
-
-    def embed(texts):
-        encoder.eval()
-        out = []
-        with torch.no_grad(), env.autocast():
-            for i in range(0, len(texts), batch_size):
-                b = data.encode_batch(tokenizer, texts[i:i + batch_size], cfg.model.max_len, pad,
-                                      cfg.model.instruction or None, data.SEPARATOR, cfg.model.padding_side)
-                out.append(encoder(*(b[k].to(env.device) for k in ("input_ids", "attention_mask", "embed_mask"))).float())
-        return torch.cat(out).cpu()
-    return embed
-
-
 def held_out_eval(encoder, tokenizer, reports, cfg, env):
     """Acronym retrieval and error discrimination on held-out reports (evaluate.py's tasks)."""
-    cases = evaluate.build_text_cases(reports[:cfg.text.eval_reports], random.Random(cfg.seed))
+    cases = build_text_cases(reports[:cfg.text.eval_reports], random.Random(cfg.seed))
     metric = {"acronym": "R@1", "paraphrase": "R@1", "error": "top1_accuracy"}
-    res = evaluate.evaluate_text_tasks(make_embed(encoder, tokenizer, cfg, env),
+    res = evaluate.evaluate_text_tasks(make_embed(encoder, tokenizer, cfg.model, env.precision),
                                        {k: v for k, v in cases.items() if k in metric})
     return {f"{task}_{metric[task]}": res[task][metric[task]] for task in metric if task in res}
 
@@ -146,7 +87,7 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     if env.is_main:
         save_config(cfg, os.path.join(out, "config.yaml"))
-    reports = load_reports(cfg)
+    reports = data.load_reports(cfg)
     llm, tokenizer, adapters = start_from(cfg, out, env.device)
     check_config(cfg, llm)
     llm.gradient_checkpointing = cfg.train.grad_checkpointing
@@ -165,7 +106,7 @@ def main(argv):
             if mask_id is None:
                 raise ValueError(f"text.mask_token {t.mask_token!r} is not a single token of this tokenizer")
             collator = data.MNTPCollator(tokenizer, cfg.model.max_len, pad_id(llm.config), mask_id, t.mask_prob)
-            batches = MNTPBatches(reports["train"], collator, t.mntp.batch_size, cfg.seed)
+            batches = data.MNTPBatches(reports["train"], collator, t.mntp.batch_size, cfg.seed)
 
             def loss_fn(net, b):
                 h = net(b["input_ids"], b["attention_mask"], causal=False)       # (B, T, d)

@@ -10,7 +10,9 @@ from safetensors.torch import load_file, save_file
 
 import model
 from losses import clip_loss
-from model import CLIPModel, TextEncoder, ViT, VisionConfig, embedding_cache, load_clip_vision
+from encoders import embedding_cache
+from model import CLIPModel, TextEncoder, ViT, VisionConfig
+from weights import load_clip_vision
 
 TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4)

@@ -3,7 +3,6 @@ does), the text tasks on hand-computed cases, chance and oracle levels, AUROC ag
 count."""
 import json
 import random
-import sys
 import types
 from pathlib import Path
 
@@ -12,6 +11,12 @@ import pytest
 import torch
 
 import evaluate as ev
+import cases
+from reports import Report
+from results import write_results
+from runtime import load_config
+import variants
+from weights import load_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,8 +309,8 @@ def test_read_cases_jsonl(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"query": "No PTX.", "answer": "No pneumothorax."}\n\n'
                     '{"query": "Sm L eff.", "answer": "Small left effusion.", "key": "x"}\n')
-    cases = ev.read_cases_jsonl(good, "acronym")
-    assert [c["answer"] for c in cases] == ["No pneumothorax.", "Small left effusion."]
+    read = cases.read_cases_jsonl(good, "acronym")
+    assert [c["answer"] for c in read] == ["No pneumothorax.", "Small left effusion."]
     bad = tmp_path / "bad.jsonl"
     for text, task, message in [
             ('{"query": "a", "answer": "b"}\n{"query": "c"}\n', "paraphrase",
@@ -319,18 +324,18 @@ def test_read_cases_jsonl(tmp_path):
             ('{"query": "a", "answer": "b"}\n', "acronyms", "unknown task")]:
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
-            ev.read_cases_jsonl(bad, task)
+            cases.read_cases_jsonl(bad, task)
 
 
 def test_evaluate_text_tasks_from_files(tmp_path):
     path = tmp_path / "error.jsonl"
     path.write_text(json.dumps({"findings": "left effusion", "impression": "left effusion",
                                 "wrong": ["right effusion"]}) + "\n")
-    cases = {"error": ev.read_cases_jsonl(path, "error"),
+    built = {"error": cases.read_cases_jsonl(path, "error"),
              "summarisation": [{"query": "left effusion", "answer": "effusion", "key": "e"},
                                {"query": "no effusion", "answer": "Effusion", "key": "e"}]}
     embed = bag_of_words(["left effusion right no Effusion"])
-    out = ev.evaluate_text_tasks(embed, cases)
+    out = ev.evaluate_text_tasks(embed, built)
     assert out["error"]["top1_accuracy"] == 100 and out["error"]["chance"] == 50
     assert out["summarisation"]["R@1"] == 100 and out["summarisation"]["n_queries"] == 2
 
@@ -340,11 +345,11 @@ def test_evaluate_text_tasks_from_files(tmp_path):
 # real data.py once its helpers exist
 # ---------------------------------------------------------------------------------------------
 
-def fake_data_module():
-    data = types.SimpleNamespace()
-    data.ERROR_KINDS = ["laterality", "severity", "false_negation", "false_finding", "measurement",
-                        "device"]
-    data.normalize_for_match = lambda text: " ".join(text.lower().replace(".", "").split())
+def fake_rules():
+    """Stand-ins for variants.py's rules, to check build_text_cases against its documented interface."""
+    rules = types.SimpleNamespace()
+    rules.ERROR_KINDS = ["laterality", "severity", "false_negation", "false_finding", "measurement", "device"]
+    rules.normalize_for_match = lambda text: " ".join(text.lower().replace(".", "").split())
 
     def make_variants(report, rng):
         return {"abbreviated": report.text().replace("pneumothorax", "PTX"),
@@ -357,19 +362,19 @@ def fake_data_module():
             return None  # never applies: builder must still find three errors
         return f"{text} ({kind} {rng.random():.3f})"
 
-    data.make_variants, data.inject_error = make_variants, inject_error
-    return data
+    rules.make_variants, rules.inject_error = make_variants, inject_error
+    return rules
 
 
-def check_cases(cases, data):
-    assert set(cases) == {"acronym", "paraphrase", "summarisation", "error"}
+def check_cases(built, rules):
+    assert set(built) == {"acronym", "paraphrase", "summarisation", "error"}
     for task in ["acronym", "paraphrase", "summarisation"]:
-        for c in cases[task]:
-            assert c["key"] == data.normalize_for_match(c["answer"]) and c["query"] != c["answer"]
-    for c in cases["error"]:
-        normalized = {data.normalize_for_match(t) for t in [c["impression"], *c["wrong"]]}
+        for c in built[task]:
+            assert c["key"] == rules.normalize_for_match(c["answer"]) and c["query"] != c["answer"]
+    for c in built["error"]:
+        normalized = {rules.normalize_for_match(t) for t in [c["impression"], *c["wrong"]]}
         assert len(c["wrong"]) == 3 and len(normalized) == 4
-        assert len(c["kinds"]) == 3 and set(c["kinds"]) <= set(data.ERROR_KINDS)
+        assert len(c["kinds"]) == 3 and set(c["kinds"]) <= set(rules.ERROR_KINDS)
 
 
 class FakeReport:
@@ -382,40 +387,35 @@ class FakeReport:
 
 @pytest.mark.parametrize("rng", [np.random.default_rng(0), random.Random(0)])
 def test_build_text_cases_with_documented_interface(monkeypatch, rng):
-    data = fake_data_module()
-    monkeypatch.setitem(sys.modules, "data", data)
+    rules = fake_rules()
+    for name in ("ERROR_KINDS", "normalize_for_match", "make_variants", "inject_error"):
+        monkeypatch.setattr(cases, name, getattr(rules, name))
     reports = [FakeReport(str(i), f"Small left effusion {i}. No pneumothorax.",
                           f"Small left effusion {i}.") for i in range(12)]
     reports.append(FakeReport("x", "", "No acute process."))
-    cases = ev.build_text_cases(reports, rng)
-    check_cases(cases, data)
-    assert all(len(set(c["kinds"])) == 3 for c in cases["error"])  # four kinds apply here
+    built = cases.build_text_cases(reports, rng)
+    check_cases(built, rules)
+    assert all(len(set(c["kinds"])) == 3 for c in built["error"])  # four kinds apply here
     # "x" has nothing to abbreviate and no findings to summarise
-    assert {task: len(cs) for task, cs in cases.items()} == {
+    assert {task: len(cs) for task, cs in built.items()} == {
         "acronym": 12, "paraphrase": 13, "summarisation": 12, "error": 12}
-    assert len(ev.build_text_cases(reports, rng, n=5)["paraphrase"]) == 5
+    assert len(cases.build_text_cases(reports, rng, n=5)["paraphrase"]) == 5
     assert ev.report_keys(["No  PTX.", "no ptx"]) == ["no ptx", "no ptx"]
-    texts = " ".join(t for cs in cases.values() for c in cs for t in c.values()
+    texts = " ".join(t for cs in built.values() for c in cs for t in c.values()
                      if isinstance(t, str))
-    results = ev.evaluate_text_tasks(bag_of_words([texts]), cases)
-    assert set(results) == set(cases)
+    results = ev.evaluate_text_tasks(bag_of_words([texts]), built)
+    assert set(results) == set(built)
 
 
-def test_build_text_cases_with_real_data_module():
-    data = pytest.importorskip("data")
-    needed = ["make_variants", "inject_error", "normalize_for_match", "ERROR_KINDS", "Report"]
-    missing = [name for name in needed if not hasattr(data, name)]
-    if missing:
-        pytest.skip(f"data.py does not have {', '.join(missing)} yet")
+def test_build_text_cases_with_the_real_rules():
     findings = "Small left pleural effusion. No pneumothorax. Heart size is normal."
-    reports = [data.Report(study_id=str(i), findings=findings,
-                           impression="Small left pleural effusion.")
+    reports = [Report(study_id=str(i), findings=findings, impression="Small left pleural effusion.")
                for i in range(5)]
-    cases = ev.build_text_cases(reports, np.random.default_rng(0))
-    check_cases(cases, data)
+    built = cases.build_text_cases(reports, np.random.default_rng(0))
+    check_cases(built, variants)
     # nothing here is abbreviated, so make_variants has no "expanded" variant: the report itself
     # is the expanded answer of its abbreviated rewrite
-    assert [c["answer"] for c in cases["acronym"]] == [r.text() for r in reports]
+    assert [c["answer"] for c in built["acronym"]] == [r.text() for r in reports]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +426,7 @@ def test_write_results(tmp_path):
     results = {"raw": {"image_to_text": {"R@1": 12.3456, "multi_positive": "merged_by_key"},
                        "zero_shot": {"mean_auroc": None}},
                "trained": {"image_to_text": {"R@1": 61.1}, "error": {"n_cases": 200}}}
-    json_path, md_path = ev.write_results(results, tmp_path / "out", "small")
+    json_path, md_path = write_results(results, tmp_path / "out", "small")
     assert json.loads(json_path.read_text()) == results
     assert md_path.read_text().splitlines() == [
         "| model | image_to_text/R@1 | image_to_text/multi_positive | zero_shot/mean_auroc"
@@ -452,9 +452,9 @@ def tokenizer_parsed_once():
     """Rebuilding SmolLM2's tokenizer from its GGUF costs ~3 s of CPU, and every model load below
     does it; the tokenizer is never modified, so the module shares one."""
     import functools
-    import model
+    import encoders
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(model, "load_tokenizer", functools.lru_cache(maxsize=None)(model.load_tokenizer))
+        mp.setattr(encoders, "load_tokenizer", functools.lru_cache(maxsize=None)(load_tokenizer))
         yield
 
 
@@ -487,7 +487,7 @@ def test_command_writes_tables_and_pictures(tiny_run):
         assert {"acronym", "paraphrase", "summarisation", "error", "clinical"} <= set(r)
         assert 0 <= r["clinical"]["label_f1"] <= 1 and r["error"]["n_cases"] > 0
     html = (out / "eval" / "retrieval.html").read_text()
-    n_examples = ev.load_config(TINY).eval.n_examples
+    n_examples = load_config(TINY).eval.n_examples
     assert html.count("<tr>") >= 2 * n_examples  # the sampled queries of both models
     from PIL import Image
     with Image.open(out / "eval" / "retrieval_trained.png") as im:
@@ -495,8 +495,8 @@ def test_command_writes_tables_and_pictures(tiny_run):
     if clip_skip:
         pytest.skip(clip_skip)
     # the image side: a picture per test style, and the same numbers as train_clip.py's own
-    # evaluation of the test split (a separate code path: train_clip.evaluate_split)
-    clip, styles = results["clip"], ev.load_config(TINY).data.test_styles
+    # evaluation of the test split (a separate code path: evaluate_split)
+    clip, styles = results["clip"], load_config(TINY).data.test_styles
     assert {f"retrieval_clip_{s}.png" for s in styles} <= files and "data:image/png;base64," in html
     own = json.loads((out / "clip" / "eval.json").read_text())
     for style in styles:
@@ -527,9 +527,9 @@ def test_command_reads_case_files_and_compares_checkpoints(tiny_run, tmp_path):
         "paraphrase": [{"query": "Lungs are clear.", "answer": "Lungs are clear."},
                        {"query": "Heart is normal.", "answer": "Heart is normal."}]}
     overrides = []
-    for task, cases in files.items():
+    for task, task_cases in files.items():
         path = tmp_path / f"{task}.jsonl"
-        path.write_text("".join(json.dumps(c) + "\n" for c in cases))
+        path.write_text("".join(json.dumps(c) + "\n" for c in task_cases))
         overrides.append(f"eval.cases.{task}={path}")
     # two checkpoints in one call: a raw model and a run given by its folder
     models = f"eval.models=[raw_bidirectional,{out / 'text'}]"

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import TINY, make_hf_checkpoint
 
-import model
-from model import LoRALinear, add_lora, count_parameters, load_adapter, load_llm, merge_lora, save_adapter
+from model import LoRALinear, add_lora, count_parameters, merge_lora
+from weights import load_adapter, load_llm, save_adapter
 
 
 @pytest.fixture

@@ -8,7 +8,9 @@ import torch
 from conftest import TINY, make_hf_checkpoint
 
 import model
-from model import TextEncoder, load_llm
+from model import TextEncoder
+from weights import load_llm
+from reports import openi_archive_path, read_openi
 
 
 CASES = {
@@ -111,9 +113,8 @@ def test_real_gguf_logits_match_transformers(smollm2_pair):
 
 def test_tokenizer_ids_match_transformers_on_real_reports(smollm2_pair):
     import random
-    import data
     _, tok, _, ref_tok = smollm2_pair
-    reports = data.read_openi(data.openi_archive_path())
+    reports = read_openi(openi_archive_path())
     sentences = [s.strip() + "." for r in reports for s in (r.findings + " " + r.impression).split(".") if s.strip()]
     sentences = random.Random(0).sample(sentences, 300)
     sentences += ["Ünïcödé — 12.5 mm × 3cm,  two  spaces\tand tab", "   leading", "trailing   ",

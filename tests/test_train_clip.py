@@ -21,8 +21,15 @@ import data
 import evaluate
 import losses
 import model as M
+import encoders
 import train_clip
 import train_text
+from encoders import load_clip_model
+from evaluate import image_features
+from reports import split_of
+from runtime import load_config
+from synthetic import SyntheticStudies, synth_report, synth_study
+from weights import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -34,7 +41,7 @@ QUICK = ["clip.optim.steps=6", "clip.train_n=64", "clip.val_n=16", "clip.test_n=
 def tokenizer_read_once():
     """tiny.yaml's tokenizer is SmolLM2's, parsed from the 93 MB GGUF in seconds: once per file is enough."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(M, "load_tokenizer", functools.lru_cache(M.load_tokenizer))
+        mp.setattr(encoders, "load_tokenizer", functools.lru_cache(load_tokenizer))
         yield
 
 
@@ -43,9 +50,9 @@ def stage1(tmp_path_factory, tokenizer_read_once):
     """The tiny stage-1 encoder, trained once for the whole file, and the synthetic images drawn once."""
     out = tmp_path_factory.mktemp("stage1")
     train_text.main([TINY, f"out_dir={out}", "text.eval_reports=8"])
-    cfg = train_clip.load_config(TINY)
+    cfg = load_config(TINY)
     for n, split in ((cfg.clip.train_n, "train"), (cfg.clip.val_n, "val"), (cfg.clip.test_n, "test")):
-        data.SyntheticStudies(n, 0, cfg.data.image_size, split=split, cache_dir=str(out / "clip" / "cache"))
+        SyntheticStudies(n, 0, cfg.data.image_size, split=split, cache_dir=str(out / "clip" / "cache"))
     return out
 
 
@@ -68,11 +75,11 @@ def logged(out_dir):
 def reloaded_retrieval(out_dir, n):
     """Test-split retrieval (mimic style) through load_clip_model + image_features, as evaluate.py does it."""
     clip_dir = str(out_dir / "clip")
-    model, text_fn = train_clip.load_clip_model(clip_dir)
+    model, text_fn = load_clip_model(clip_dir)
     spec = json.load(open(os.path.join(clip_dir, "clip.json")))
-    studies = data.SyntheticStudies(n, 0, spec["image"]["size"], split="test",
+    studies = SyntheticStudies(n, 0, spec["image"]["size"], split="test",
                                     transform=data.ImageTransform(**spec["image"]))
-    image_f, kept = train_clip.image_features(model, studies)
+    image_f, kept = image_features(model, studies)
     texts = [studies.report(i, "mimic").text() for i in kept.tolist()]
     return evaluate.image_text_retrieval(image_f, text_fn(texts), evaluate.report_keys(texts))
 
@@ -167,12 +174,12 @@ def initial_weights(out_dir):
 
 def test_frozen_embedding_cache_built_reused_rebuilt(stage1, tmp_path, monkeypatch):
     out = fresh(stage1, tmp_path)
-    loads, real = [0], train_clip.load_text_encoder
+    loads, real = [0], encoders.load_text_encoder
 
     def counting(*a, **k):
         loads[0] += 1
         return real(*a, **k)
-    monkeypatch.setattr(train_clip, "load_text_encoder", counting)
+    monkeypatch.setattr(encoders, "load_text_encoder", counting)
     cache = out / "clip" / "cache"
     embedding_files = lambda: sorted(p for p in os.listdir(cache) if p.startswith("emb-"))
 
@@ -192,7 +199,7 @@ def test_frozen_embedding_cache_built_reused_rebuilt(stage1, tmp_path, monkeypat
     w = load_file(str(adapter))  # a retrained stage-1 encoder: a new id, a new cache file
     save_file({k: v + 0.01 for k, v in w.items()}, str(adapter))
     with pytest.raises(ValueError, match="changed since"):
-        train_clip.load_clip_model(str(out / "clip"))  # the CLIP model no longer fits that encoder
+        load_clip_model(str(out / "clip"))  # the CLIP model no longer fits that encoder
     run(out, *QUICK, "train.resume=none")
     assert loads[0] == 3 and len(embedding_files()) == 2
 
@@ -203,12 +210,12 @@ def test_encoder_of_another_run_and_a_shared_cache(stage1, tmp_path, monkeypatch
     finds both again and reloads to the same retrieval."""
     shared = tmp_path / "shared_cache"
     shutil.copytree(stage1 / "clip" / "cache", shared)
-    loads, real = [0], train_clip.load_text_encoder
+    loads, real = [0], encoders.load_text_encoder
 
     def counting(*a, **k):
         loads[0] += 1
         return real(*a, **k)
-    monkeypatch.setattr(train_clip, "load_text_encoder", counting)
+    monkeypatch.setattr(encoders, "load_text_encoder", counting)
     common = [*QUICK, f"clip.text_encoder={stage1}", f"clip.cache_dir={shared}"]
     _, results = run(tmp_path / "first", *common)
     run(tmp_path / "second", *common, "clip.optim.lr=1e-4")
@@ -253,14 +260,14 @@ def test_real_image_report_pairs_with_unreadable_images(stage1, tmp_path, capsys
     from PIL import Image
     rows, bad_train = ["study_id,image,report"], 0
     for i in range(80):
-        image, labels = data.synth_study(0, i, 64)
-        report = data.synth_report(labels, "mimic", np.random.default_rng(i)).text()
+        image, labels = synth_study(0, i, 64)
+        report = synth_report(labels, "mimic", np.random.default_rng(i)).text()
         sid, name = f"s{i}", f"s{i}.png"
         if i % 10 == 3:   # missing
-            bad_train += data.split_of(sid) == "train"
+            bad_train += split_of(sid) == "train"
         elif i % 10 == 7:  # corrupt
             (tmp_path / name).write_bytes(b"not a png")
-            bad_train += data.split_of(sid) == "train"
+            bad_train += split_of(sid) == "train"
         else:
             Image.fromarray(image).save(tmp_path / name)
         rows.append(f'{sid},{name},"{report}"')
@@ -271,5 +278,5 @@ def test_real_image_report_pairs_with_unreadable_images(stage1, tmp_path, capsys
     replaced = re.search(r"(\d+) unreadable training images were replaced", capsys.readouterr().out)
     assert bad_train and replaced and int(replaced[1]) >= bad_train  # each once per epoch, and spares that fail
     assert set(results) == {"val/pairs", "test/pairs"}
-    n_bad = {s: sum(data.split_of(f"s{i}") == s for i in range(80) if i % 10 in (3, 7)) for s in ("val", "test")}
+    n_bad = {s: sum(split_of(f"s{i}") == s for i in range(80) if i % 10 in (3, 7)) for s in ("val", "test")}
     assert all(results[f"{s}/pairs"]["unreadable"] == n_bad[s] for s in n_bad)

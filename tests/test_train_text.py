@@ -11,6 +11,7 @@ import data
 import losses
 import runtime
 import train_text
+from encoders import build_llm, load_text_encoder, pad_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -35,9 +36,9 @@ def test_tiny_end_to_end(tmp_path):
         assert os.path.exists(tmp_path / "text" / name), name
     assert set(results) == {"before", "mntp", "contrastive"}
 
-    reloaded, tok2, _ = runtime.load_text_encoder(str(tmp_path / "text"))
+    reloaded, tok2, _ = load_text_encoder(str(tmp_path / "text"))
     texts = ["FINDINGS: Small left pleural effusion. IMPRESSION: Small left effusion.", "No acute disease."]
-    b = data.encode_batch(tokenizer, texts, 64, runtime.pad_id(encoder.llm.config))
+    b = data.encode_batch(tokenizer, texts, 64, pad_id(encoder.llm.config))
     with torch.no_grad():
         before = encoder.eval()(b["input_ids"], b["attention_mask"], b["embed_mask"])
         after = reloaded(b["input_ids"], b["attention_mask"], b["embed_mask"])
@@ -117,16 +118,16 @@ def test_init_from_an_earlier_run(tmp_path):
     spec = json.load(open(tmp_path / "b" / "text" / "encoder.json"))
     assert [os.path.normpath(tmp_path / "b" / "text" / s["dir"]) for s in spec["stages"]] == \
         [str(tmp_path / "a" / "text" / "mntp"), str(tmp_path / "b" / "text" / "contrastive")]
-    reloaded, _, mcfg = runtime.load_text_encoder(str(tmp_path / "b" / "text"))
+    reloaded, _, mcfg = load_text_encoder(str(tmp_path / "b" / "text"))
     assert mcfg.pooling == "latent_attention"
     b = data.encode_batch(tokenizer, ["Small left pleural effusion.", "No acute disease."], 64,
-                          runtime.pad_id(encoder.llm.config))
+                          pad_id(encoder.llm.config))
     with torch.no_grad():
         want = encoder.eval()(b["input_ids"], b["attention_mask"], b["embed_mask"])
         got = reloaded(b["input_ids"], b["attention_mask"], b["embed_mask"])
     assert (want - got).abs().max() <= 1e-5
-    after_mntp = runtime.load_text_encoder(str(tmp_path / "a" / "text"))[0].llm
-    raw = runtime.build_llm(mcfg, 0, "cpu")[0]  # the comparison above would fail without the MNTP stage:
+    after_mntp = load_text_encoder(str(tmp_path / "a" / "text"))[0].llm
+    raw = build_llm(mcfg, 0, "cpu")[0]  # the comparison above would fail without the MNTP stage:
     assert any(not torch.equal(p, q) for p, q in zip(raw.parameters(), after_mntp.parameters()))
     with pytest.raises(ValueError, match="model.random_init"):
         run(tmp_path / "c", *short, "text.stages=[contrastive]", f"text.init={tmp_path / 'a' / 'text'}",

@@ -1,16 +1,14 @@
-"""Tests for the image half of data.py: synthetic studies and reports, image loading, transforms and
-the CLIP dataset. Run: python -m pytest tests/test_data_images.py -q"""
-import os
+"""Tests of synthetic.py: synthetic studies drawn from their findings, and their reports in every style."""
 import re
-import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+import data
+from reports import (CHEXPERT_LABELS, label_report)
+from synthetic import (REPORT_STYLES, SyntheticStudies, _NORMAL, chexpert_of, sample_findings, synth_report,
+                       synth_reports, synth_study)
 
 SIZE = 128
 NOT_L, NOT_R = (lambda x, y: x < -0.15), (lambda x, y: x > 0.15)  # the other side, beyond a small rotation
@@ -44,8 +42,8 @@ def mask(region, size=SIZE):  # a region given as a function of x, y -> boolean 
 def test_each_finding_changes_pixels_in_its_region_only(name):
     findings, region, untouched = CASES[name]
     for index in range(3):  # a few patients: rotations, shifts and anatomy differ
-        base, _ = data.synth_study(5, index, SIZE, findings={})
-        img, labels = data.synth_study(5, index, SIZE, findings=findings)
+        base, _ = synth_study(5, index, SIZE, findings={})
+        img, labels = synth_study(5, index, SIZE, findings=findings)
         changed = np.abs(img.astype(int) - base) > 8
         assert changed.sum() > 15, f"{name} barely visible: {changed.sum()} pixels"
         assert changed[mask(region)].sum() >= 0.95 * changed.sum(), f"{name} drawn outside its region"
@@ -54,8 +52,8 @@ def test_each_finding_changes_pixels_in_its_region_only(name):
 
 
 def test_effusion_size_and_cardiomegaly_grow():
-    base, _ = data.synth_study(1, 2, SIZE, findings={})
-    area = lambda f: (np.abs(data.synth_study(1, 2, SIZE, findings=f)[0].astype(int) - base) > 8).sum()
+    base, _ = synth_study(1, 2, SIZE, findings={})
+    area = lambda f: (np.abs(synth_study(1, 2, SIZE, findings=f)[0].astype(int) - base) > 8).sum()
     sizes = [area({"effusion": {"side": "right", "size": s}}) for s in ("small", "moderate", "large")]
     assert sizes[0] < sizes[1] < sizes[2]
     sev = [area({"cardiomegaly": {"severity": s}}) for s in ("mild", "moderate", "severe")]
@@ -63,11 +61,11 @@ def test_effusion_size_and_cardiomegaly_grow():
 
 
 def test_study_is_deterministic_and_radiograph_like():
-    a, la = data.synth_study(3, 7)
-    b, lb = data.synth_study(3, 7)
+    a, la = synth_study(3, 7)
+    b, lb = synth_study(3, 7)
     assert a.dtype == np.uint8 and a.shape == (256, 256) and np.array_equal(a, b) and la == lb
-    assert not np.array_equal(a, data.synth_study(3, 8)[0]) and not np.array_equal(a, data.synth_study(4, 7)[0])
-    img, _ = data.synth_study(0, 0, 100, findings={})  # any size
+    assert not np.array_equal(a, synth_study(3, 8)[0]) and not np.array_equal(a, synth_study(4, 7)[0])
+    img, _ = synth_study(0, 0, 100, findings={})  # any size
     assert img.shape == (100, 100)
     lungs = img[mask(lambda x, y: (np.abs(np.abs(x) - 0.4) < 0.1) & (np.abs(y + 0.2) < 0.15), 100)]
     spine = img[mask(lambda x, y: (np.abs(x) < 0.03) & (y > 0.7), 100)]
@@ -75,15 +73,15 @@ def test_study_is_deterministic_and_radiograph_like():
 
 
 def test_labels_prior_and_chexpert():
-    labels = [data.sample_findings(0, i) for i in range(2000)]
+    labels = [sample_findings(0, i) for i in range(2000)]
     normal = np.mean([lab["chexpert"]["No Finding"] for lab in labels])
     assert 0.33 < normal < 0.47  # ~40 % normal, as in real data
-    chexpert = data.CHEXPERT_LABELS
+    chexpert = CHEXPERT_LABELS
     assert all(list(lab["chexpert"]) == list(chexpert) for lab in labels[:50])
     assert np.mean([len(lab) - 1 >= 2 for lab in labels]) > 0.1  # findings co-occur
     devices_only = {**dict.fromkeys(chexpert, 0), "No Finding": 1, "Support Devices": 1}
-    assert data.chexpert_of({"ett": {"tip_cm": 3}}) == devices_only
-    assert data.chexpert_of({"consolidation": {"lobe": "LLL"}})["Consolidation"] == 1
+    assert chexpert_of({"ett": {"tip_cm": 3}}) == devices_only
+    assert chexpert_of({"consolidation": {"lobe": "LLL"}})["Consolidation"] == 1
 
 
 SIDE = {"left": ("left", "L"), "right": ("right", "R"), "bilateral": ("bilateral", "b/l")}
@@ -91,7 +89,7 @@ SIZE_WORDS = {"small": ("small", "sm"), "moderate": ("moderate", "mod"), "large"
               "mild": ("mild", "mild"), "severe": ("severe", "severe")}
 
 
-@pytest.mark.parametrize("style", data.REPORT_STYLES)
+@pytest.mark.parametrize("style", REPORT_STYLES)
 def test_reports_state_the_same_side_and_size_in_every_style(style):
     short = style == "shorthand"
     for findings in [{"effusion": {"side": s, "size": z}} for s in SIDE for z in ("small", "moderate", "large")] + \
@@ -99,7 +97,7 @@ def test_reports_state_the_same_side_and_size_in_every_style(style):
                     [{"cardiomegaly": {"severity": "mild"}}, {"edema": {"severity": "severe"}}]:
         (name, p), = findings.items()
         for k in range(4):  # different templates
-            r = data.synth_report({**findings, "chexpert": data.chexpert_of(findings)}, style, np.random.default_rng(k))
+            r = synth_report({**findings, "chexpert": chexpert_of(findings)}, style, np.random.default_rng(k))
             text = r.text()
             assert r.style == style and (not short or not r.findings)
             words = set(re.findall(r"[\w/]+", text.lower()))
@@ -109,95 +107,38 @@ def test_reports_state_the_same_side_and_size_in_every_style(style):
                 assert other is None or SIDE[other][short].lower() not in words, text
             size = p.get("size", p.get("severity"))
             assert SIZE_WORDS[size][short] in words, text
-    rc = data.synth_report({"consolidation": {"lobe": "RLL"}}, style, np.random.default_rng(0))
+    rc = synth_report({"consolidation": {"lobe": "RLL"}}, style, np.random.default_rng(0))
     assert ("RLL" if short else "right lower lobe") in rc.text().replace("Right", "right")
-    normal = data.synth_report({"chexpert": data.chexpert_of({})}, style, np.random.default_rng(0)).impression
-    assert normal in data._NORMAL[style] or normal.split(" ")[-1] in ("NAD.", "process.", "findings."), normal
+    normal = synth_report({"chexpert": chexpert_of({})}, style, np.random.default_rng(0)).impression
+    assert normal in _NORMAL[style] or normal.split(" ")[-1] in ("NAD.", "process.", "findings."), normal
 
 
 def test_synthetic_dataset_styles_reports_and_cache(tmp_path):
-    ds = data.SyntheticStudies(40, seed=2, size=64, styles={"mimic": 1, "shorthand": 1}, split="val")
+    ds = SyntheticStudies(40, seed=2, size=64, styles={"mimic": 1, "shorthand": 1}, split="val")
     x, text, i = ds[5]
     assert x.shape == (1, 64, 64) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and i == 5
     assert text == ds.report(5).text() and ds.report(5).style in ("mimic", "shorthand")
     assert {ds.report(i).style for i in range(40)} == {"mimic", "shorthand"}
-    assert ds.labels(5) == data.synth_study(ds.seed, 5, 64)[1]
-    openi = data.synth_reports(2, 40, "openi", split="val")
+    assert ds.labels(5) == synth_study(ds.seed, 5, 64)[1]
+    openi = synth_reports(2, 40, "openi", split="val")
     assert [r.text() for r in openi] == [ds.report(i, "openi").text() for i in range(40)]
-    assert data.synth_reports(2, 5, "openi", split="test")[0].study_id != openi[0].study_id  # splits differ
+    assert synth_reports(2, 5, "openi", split="test")[0].study_id != openi[0].study_id  # splits differ
 
-    cached = data.SyntheticStudies(40, seed=2, size=64, split="val", cache_dir=str(tmp_path))
+    cached = SyntheticStudies(40, seed=2, size=64, split="val", cache_dir=str(tmp_path))
     (f,) = tmp_path.iterdir()
     mtime = f.stat().st_mtime_ns
-    again = data.SyntheticStudies(40, seed=2, size=64, split="val", cache_dir=str(tmp_path))
+    again = SyntheticStudies(40, seed=2, size=64, split="val", cache_dir=str(tmp_path))
     assert f.stat().st_mtime_ns == mtime and np.array_equal(again.image(7), ds.image(7))
     loader = torch.utils.data.DataLoader(again, batch_size=16, num_workers=2, collate_fn=data.collate_pairs)
     images = torch.cat([b[0] for b in loader])
     assert images.shape == (40, 1, 64, 64) and torch.equal(images[7], cached[7][0])
 
 
-def test_load_image_formats(tmp_path):
-    a8 = np.arange(60 * 40, dtype=np.uint8).reshape(60, 40)
-    Image.fromarray(a8).save(tmp_path / "g8.png")
-    a16 = np.zeros((30, 50), dtype=np.uint16)
-    a16[0, 0], a16[1, 1] = 65535, 32768
-    Image.fromarray(a16).save(tmp_path / "g16.png")
-    rgb = np.zeros((32, 48, 3), dtype=np.uint8)
-    rgb[..., 1] = 200
-    Image.fromarray(rgb).save(tmp_path / "c.jpg", quality=95)
-    g8, g16, c = (data.load_image(tmp_path / n) for n in ("g8.png", "g16.png", "c.jpg"))
-    assert g8.dtype == g16.dtype == c.dtype == np.float32
-    assert g8.shape == (60, 40) and np.allclose(g8, a8 / 255)
-    assert g16.shape == (30, 50) and g16[0, 0] == 1.0 and abs(g16[1, 1] - 0.5) < 1e-4 and g16[2, 2] == 0
-    assert c.shape == (32, 48) and abs(c.mean() - 200 * 0.587 / 255) < 0.02  # ITU-R 601 luma of pure green
-    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    with pytest.raises(OSError, match="bad.png"):
-        data.load_image(tmp_path / "bad.png")
-
-
-def test_corrupt_images_are_skipped_and_counted(tmp_path):
-    reports = []
-    for i in range(5):
-        Image.fromarray(data.synth_study(0, i, 48)[0]).save(tmp_path / f"{i}.png")
-        reports.append(data.Report(f"s{i}", impression=f"report {i}", images=[str(tmp_path / f"{i}.png")]))
-    (tmp_path / "1.png").write_bytes((tmp_path / "1.png").read_bytes()[:200])  # truncated
-    reports[3].images = [str(tmp_path / "missing.png")]
-    reports.append(data.Report("no-image", impression="text only"))
-    transform = data.ImageTransform(32, train=True, channels=3, mean=(0.5, 0.4, 0.3), std=0.25)
-    ds = data.ImageReportDataset(reports, transform)
-    assert len(ds) == 5
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=data.collate_pairs)
-    batches = list(loader)
-    assert sum(b[3] for b in batches) == 2
-    kept = torch.cat([b[2] for b in batches]).tolist()
-    assert kept == [0, 2, 4] and sum(len(b[1]) for b in batches) == 3
-    assert all(b[0].shape[1:] == (3, 32, 32) for b in batches if len(b[1]))
-    assert data.collate_pairs([None, None])[3] == 2
-
-
-def test_transform_shapes_and_determinism():
-    img = np.random.default_rng(0).random((300, 200), dtype=np.float32)
-    ev = data.ImageTransform(64, train=False)
-    assert ev(img).shape == (1, 64, 64) and torch.equal(ev(img, key=1), ev(img, key=2))
-    rgb = data.ImageTransform(64, train=False, channels=3, mean=(0.2, 0.4, 0.6), std=(0.5, 0.5, 0.5))
-    const = rgb(np.full((80, 120), 0.6, np.float32))
-    assert const.shape == (3, 64, 64) and torch.allclose(const[:, 10, 10], torch.tensor([0.8, 0.4, 0.0]), atol=1e-5)
-    tr = data.ImageTransform(64, train=True, seed=1)
-    assert tr(img, key=3, epoch=0).shape == (1, 64, 64)
-    assert torch.equal(tr(img, key=3, epoch=0), tr(img, key=3, epoch=0))
-    assert not torch.equal(tr(img, key=3, epoch=0), tr(img, key=3, epoch=1))
-    assert not torch.equal(tr(img, key=3), data.ImageTransform(64, train=True, seed=2)(img, key=3))
-    # 90-100 % of the area at aspect 3/4-4/3 keeps >= 82 % of the height: most of a vertical ramp survives
-    ramp = np.add.outer(np.linspace(0, 1, 300), np.zeros(300)).astype(np.float32)
-    spans = [float(t.max() - t.min()) for t in (tr(ramp, key=k) for k in range(20))]
-    assert all(0.82 * 2 - 0.05 < s <= 2 for s in spans) and len(set(spans)) > 1  # std 0.5: range 0..1 -> 2
-
-
-@pytest.mark.parametrize("style", data.REPORT_STYLES)
+@pytest.mark.parametrize("style", REPORT_STYLES)
 def test_labeler_recovers_synthetic_labels(style):
     # measured: 1.000 for all 14 observations in every style (500 reports each)
-    reports = data.synth_reports(0, 200, style)
-    predicted = [data.label_report(r.text()) for r in reports]
+    reports = synth_reports(0, 200, style)
+    predicted = [label_report(r.text()) for r in reports]
     agree = {n: np.mean([int(p.get(n) == 1) == r.labels["chexpert"][n] for p, r in zip(predicted, reports)])
-             for n in data.CHEXPERT_LABELS}
+             for n in CHEXPERT_LABELS}
     assert min(agree.values()) >= 0.97, {n: round(float(a), 3) for n, a in agree.items()}

@@ -1,0 +1,162 @@
+"""Result writing (a support module: skip it on a first read): Markdown tables, JSON files, the
+self-contained retrieval.html, PNG contact sheets of what was retrieved, and loss plots, all drawn
+with pillow (no plotting library needed)."""
+import base64
+import io
+import json
+import os
+import re
+import textwrap
+from html import escape
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and JSON
+# ---------------------------------------------------------------------------------------------
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out |= _flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + str(k): v}
+    return out
+
+
+def cell(v):
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|")
+
+
+def results_table(rows):
+    """Markdown table, a row per model, a column per (flattened: "image_to_text/R@5") metric."""
+    rows = {model: _flatten(metrics) for model, metrics in rows.items()}
+    columns = list(dict.fromkeys(c for metrics in rows.values() for c in metrics))
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {model} | " + " | ".join(cell(m.get(c)) for c in columns) + " |"
+              for model, m in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results, out_dir, name):
+    """Write {model: metrics} as out_dir/name.json and out_dir/name.md; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    md_path.write_text(results_table(results))
+    return json_path, md_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: what each model retrieved
+# ---------------------------------------------------------------------------------------------
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _wrap(text, font, width, max_lines):
+    chars = max(8, int(width / (font.getlength("abcdefghij klmnopqrstuvwxyz") / 27)))
+    lines = textwrap.wrap(text, chars)
+    return lines[:max_lines - 1] + ["..."] if len(lines) > max_lines else lines
+
+
+def contact_sheet(title, rows, query_w=320, hit_w=250, row_h=180, thumb=120):
+    """A PIL image: per row the query (image, or text), its true report, and its top-5 with
+    similarities, correct reports framed and tinted green."""
+    font, small, line = _font(13), _font(11), 15  # multiline_text: 11 px glyphs + 4 px spacing
+    k = max((len(r["hits"]) for r in rows), default=5)
+    sheet = Image.new("RGB", (query_w + k * hit_w + 10, 40 + len(rows) * row_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((10, 10), title, fill="black", font=font)
+    lines = lambda text, width, height: "\n".join(_wrap(text, small, width, height // line))
+    for r, row in enumerate(rows):
+        y = 40 + r * row_h
+        if row.get("image") is not None:  # the image, its report beside it
+            sheet.paste(Image.fromarray(row["image"]).convert("RGB").resize((thumb, thumb)), (10, y))
+            draw.multiline_text((thumb + 18, y), lines("TRUE: " + row["truth"], query_w - thumb - 30, row_h - 10),
+                                fill="#555555", font=small)
+        else:  # the query text, its true answer below it
+            draw.multiline_text((10, y), lines("QUERY: " + row["query"], query_w - 20, 7 * line),
+                                fill="black", font=small)
+            draw.multiline_text((10, y + 7 * line + 4), lines("TRUE: " + row["truth"], query_w - 20,
+                                                               row_h - 7 * line - 14), fill="#555555", font=small)
+        for j, (text, score, correct) in enumerate(row["hits"]):
+            x0 = query_w + j * hit_w
+            draw.rectangle([x0, y, x0 + hit_w - 8, y + row_h - 10], fill="#dcf5dc" if correct else "#f4f4f4",
+                           outline="#1a9c1a" if correct else "#bbbbbb", width=3 if correct else 1)
+            draw.text((x0 + 6, y + 4), f"#{j + 1}  sim {score:.3f}" + ("  correct" if correct else ""),
+                      fill="#1a7a1a" if correct else "black", font=font)
+            draw.multiline_text((x0 + 6, y + 24), lines(text, hit_w - 20, row_h - 40), fill="black", font=small)
+        draw.line([(0, y + row_h - 3), (sheet.width, y + row_h - 3)], fill="#dddddd")
+    return sheet
+
+
+def _png_base64(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def retrieval_html(sections, note):
+    """One self-contained page (images inlined as base64 PNG): a table per model."""
+    parts = ["<!doctype html><meta charset='utf-8'><title>What was retrieved</title><style>"
+             "body{font:14px sans-serif;margin:20px} td{vertical-align:top;padding:6px;"
+             "border:1px solid #ccc;width:16%} .hit{background:#f6f6f6} .correct{background:#dcf5dc;"
+             "border:3px solid #1a9c1a} .sim{font-weight:bold} .truth{color:#555}</style>",
+             f"<h1>What was retrieved</h1><p>{escape(note)}</p>"]
+    for _, title, rows in sections:
+        parts.append(f"<h2>{escape(title)}</h2><table>")
+        for row in rows:
+            if row.get("image") is not None:
+                query = f"<img width=160 src='data:image/png;base64,{_png_base64(Image.fromarray(row['image']))}'>"
+            else:
+                query = f"<b>query</b>: {escape(row['query'])}"
+            cells = [f"<td>{query}<p class=truth><b>true</b>: {escape(row['truth'])}</p></td>"]
+            cells += [f"<td class='{'hit correct' if ok else 'hit'}'><span class=sim>#{j + 1} "
+                      f"sim {s:.3f}{' correct' if ok else ''}</span><br>{escape(text)}</td>"
+                      for j, (text, s, ok) in enumerate(row["hits"])]
+            parts.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append("</table>")
+    return "\n".join(parts) + "\n"
+
+
+def slug(name):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss curves
+# ---------------------------------------------------------------------------------------------
+
+def plot_losses(log_paths: dict, png_path: str, size=(720, 400)):
+    """Loss against step for each stage, drawn with pillow (no plotting library needed)."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    W, H, pad = size[0], size[1], 40
+    panels = [(n, [json.loads(l) for l in open(p)]) for n, p in log_paths.items() if os.path.exists(p)]
+    panels = [(n, recs) for n, recs in panels if recs]
+    width = (W - pad) // max(1, len(panels))
+    for k, (name, recs) in enumerate(panels):
+        steps, losses = [r["step"] for r in recs], [r["loss"] for r in recs]
+        x0, x1, y0, y1 = pad + k * width, pad + (k + 1) * width - 10, pad, H - pad
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        pts = [(x0 + (x1 - x0) * (s - steps[0]) / max(1, steps[-1] - steps[0]), y1 - (y1 - y0) * (v - lo) / (hi - lo))
+               for s, v in zip(steps, losses)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colors[k % len(colors)], width=2)
+        draw.text((x0 + 4, y0 - 14), f"{name} loss", fill="black")
+        draw.text((x0 + 4, y0 + 2), f"{hi:.3g}", fill="gray")
+        draw.text((x0 + 4, y1 - 12), f"{lo:.3g}", fill="gray")
+        draw.text((x1 - 60, y1 + 4), f"step {steps[-1]}", fill="gray")
+    img.save(png_path)
