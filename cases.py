@@ -1,16 +1,21 @@
 """The cases of the report-understanding tasks (Ko et al. 2025, arXiv 2509.15234, sec. 3): built from
-held-out reports with variants.py's rewrites and errors, or read from JSONL files you prepared.
-evaluate.py scores them.
+held-out reports with variants.py's rewrites and errors, or read from JSONL files you prepared;
+evaluate.py scores them and writes the cases it used back out (write_cases_jsonl).
 
 - acronym: an abbreviated report -> its expanded text (Recall@k over all expanded texts);
 - paraphrase: a restyled report -> the report;
 - summarisation: findings -> the impression;
 - error: findings -> {the true impression, three impressions with one injected error each}.
+
+The rewrites and error wordings come from the same rules as stage 1's training variants (variants.py),
+so a bag of words scores high on acronym and paraphrase: read every task beside its TF-IDF baseline row.
 """
 import json
+import os
 
 from reports import normalize_for_match
-from variants import ERROR_KINDS, inject_error, make_variants
+from runtime import atomic_write
+from variants import error_impressions, make_variants
 
 RETRIEVAL_TASKS = ("acronym", "paraphrase", "summarisation")
 CASE_KEYS = {**{t: ("query", "answer") for t in RETRIEVAL_TASKS},
@@ -19,46 +24,45 @@ CASE_KEYS = {**{t: ("query", "answer") for t in RETRIEVAL_TASKS},
 PARAPHRASE_STYLES = ("shuffled", "omit_normal", "partitioned", "impression_only")
 
 
-def _error_impressions(impression, rng, n=3):
-    """n impressions with one injected error each, of different kinds where enough kinds apply."""
-    kinds = list(ERROR_KINDS)
-    rng.shuffle(kinds)
-    seen, wrong, used = {normalize_for_match(impression)}, [], []
-    for kind in kinds + kinds:  # the second pass repeats kinds when fewer than n apply
-        text = inject_error(impression, kind, rng)
-        if text and normalize_for_match(text) not in seen:
-            seen.add(normalize_for_match(text))
-            wrong.append(text)
-            used.append(kind)
-            if len(wrong) == n:
-                return wrong, used
-    return None
-
-
 def build_text_cases(reports, rng, n=None):
-    """Cases for every text task from reports.Report objects (real or synthetic), using variants.py's
-    variants and errors. rng: the generator make_variants takes (numpy's or random.Random:
-    only shuffle and choice are used here). Returns
-    {task: [case, ...]} in the same format as read_cases_jsonl; retrieval cases carry a "key"
-    (the normalised answer) so that identical answers are merged."""
+    """Cases for every text task from reports.Report objects (real or synthetic), with variants.py's
+    rewrites and errors. rng: the generator make_variants takes (numpy's or
+    random.Random: only shuffle and choice are used here). Returns {task: [case, ...]} in the format
+    of read_cases_jsonl: retrieval cases carry a "key" (the normalised answer) so that identical
+    answers are merged, paraphrase cases their "style" and "other_keys" (below)."""
     reports = list(reports)
     if n is not None and n < len(reports):
         rng.shuffle(reports)
         reports = reports[:n]
     case = lambda q, a: {"query": q, "answer": a, "key": normalize_for_match(a)}
     cases = {task: [] for task in CASE_KEYS}
-    for report in reports:
-        variants = make_variants(report, rng)
+    all_variants = [make_variants(report, rng) for report in reports]
+    # A paraphrase that leaves content out rewrites several reports equally well: "impression only"
+    # every report with that impression, "omit normal" every report with those abnormal sentences.
+    # All of them are correct answers ("other_keys"), or "No acute disease." would have one right
+    # answer among fifty equally right ones.
+    content = lambda report, variants, style: normalize_for_match(
+        report.impression if style == "impression_only" else variants[style])
+    rewrites = {}  # (style, content) -> keys of the reports it rewrites
+    for report, variants in zip(reports, all_variants):
+        for style in PARAPHRASE_STYLES:
+            if variants.get(style):
+                rewrites.setdefault((style, content(report, variants, style)), set()).add(
+                    normalize_for_match(report.text()))
+    for report, variants in zip(reports, all_variants):
         # make_variants leaves out "expanded" when it equals the report (no abbreviations to expand)
         expanded = variants.get("expanded") or report.text()
         if variants.get("abbreviated") and variants["abbreviated"] != expanded:  # else nothing to understand
             cases["acronym"].append(case(variants["abbreviated"], expanded))
         styles = [s for s in PARAPHRASE_STYLES if variants.get(s) and variants[s] != report.text()]
         if styles:
-            cases["paraphrase"].append(case(variants[rng.choice(styles)], report.text()))
+            style = rng.choice(styles)
+            c = case(variants[style], report.text()) | {"style": style}
+            c["other_keys"] = sorted(rewrites[style, content(report, variants, style)] - {c["key"]})
+            cases["paraphrase"].append(c)
         if report.findings and report.impression:
             cases["summarisation"].append(case(report.findings, report.impression))
-            errors = _error_impressions(report.impression, rng)
+            errors = error_impressions(report.impression, rng, n=3)
             if errors:
                 cases["error"].append({"findings": report.findings, "impression": report.impression,
                                        "wrong": errors[0], "kinds": errors[1]})
@@ -66,13 +70,14 @@ def build_text_cases(reports, rng, n=None):
 
 
 def read_cases_jsonl(path, task):
-    """Prepared cases for one task, one JSON object a line: {"query", "answer", optional "key"}
-    for the retrieval tasks, {"findings", "impression", "wrong": [...], optional "kinds"} for
-    "error". Malformed input raises ValueError naming the line."""
+    """Prepared cases for one task, one JSON object a line: {"query", "answer", optional "key" (answers
+    with one key are one gallery entry), optional "other_keys" (keys of other answers that are correct
+    too)} for the retrieval tasks, {"findings", "impression", "wrong": [...], optional "kinds"} for
+    "error". Other fields are kept. Malformed input raises ValueError naming the line."""
     if task not in CASE_KEYS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(CASE_KEYS)}")
     cases = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -91,5 +96,21 @@ def read_cases_jsonl(path, task):
                 raise ValueError(f"{where}: 'wrong' must be a non-empty list of impressions")
             if task == "error" and len(c.get("kinds", c["wrong"])) != len(c["wrong"]):
                 raise ValueError(f"{where}: 'kinds' needs one entry per wrong impression")
+            if not isinstance(c.get("other_keys", []), list):
+                raise ValueError(f"{where}: 'other_keys' must be a list of answer keys")
             cases.append(c)
     return cases
+
+
+def write_cases_jsonl(cases, folder):
+    """{task: [case]} as folder/{task}.jsonl, the format read_cases_jsonl reads (and eval.cases.{task}
+    takes): to inspect the cases, reuse them, or score them with another system. Returns the paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for task, task_cases in cases.items():
+        paths[task] = os.path.join(folder, f"{task}.jsonl")
+        def write(path, lines="".join(json.dumps(c, ensure_ascii=False) + "\n" for c in task_cases)):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(lines)
+        atomic_write(paths[task], write)
+    return paths

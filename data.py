@@ -2,8 +2,9 @@
 
 Read in this order:
 1. Reports for a config: `load_reports` splits the configured source into train / val / test by a
-   hash of the study id (readers and the labeler: reports.py; synthetic studies: synthetic.py).
-2. Tokens: LLM2Vec's instruction + separator encoding, where only the report's tokens are pooled
+   hash of the study id, and drops the val / test reports whose text occurs in training (readers and
+   the labeler: reports.py; synthetic studies: synthetic.py).
+2. Tokens: LLM2Vec's instruction encoding, where only the report's tokens are pooled
    (arXiv 2404.05961, sec. 2.1; `encode_batch`).
 3. MNTP batches: 20 % of the tokens masked, 80/10/10 (LLM2Vec sec. 2.1, after BERT, arXiv 1810.04805,
    sec. 3.1; `MNTPCollator`, `MNTPBatches`).
@@ -36,13 +37,15 @@ from variants import ERROR_KINDS, inject_error, make_variants
 # ---------------------------------------------------------------------------------------------
 
 def load_reports(cfg):
-    """{'train' | 'val' | 'test': [Report]} for the configured source, split by study id."""
+    """{'train' | 'val' | 'test': [Report]} for the configured source, split by study id, val and test without
+    the reports that occur in training (drop_train_overlap); and 'overlap': how many were dropped."""
     d = cfg.data
     if d.source == "synthetic":  # each style describes the same studies, in its own words
         n = {"train": d.synthetic_n, "val": int(d.synthetic_n * d.val_fraction), "test": int(d.synthetic_n * d.test_fraction)}
         styles = {"train": d.train_styles, "val": d.test_styles, "test": d.test_styles}
-        return {s: [r for style in styles[s] for r in synthetic.synth_reports(cfg.seed, n[s] // len(styles[s]), style, s)]
-                for s in n}
+        return drop_train_overlap({s: [r for style in styles[s]
+                                       for r in synthetic.synth_reports(cfg.seed, n[s] // len(styles[s]), style, s)]
+                                   for s in n})
     readers = {"openi": lambda: read_openi(d.path or openi_archive_path()),
                "mimic": lambda: read_mimic(d.path), "chexpert_plus": lambda: read_chexpert_plus(d.path, d.image_root),
                "pairs": lambda: read_pairs(d.path)}
@@ -52,14 +55,32 @@ def load_reports(cfg):
     for r in readers[d.source]():
         if r.findings or r.impression:
             splits[split_of(r.study_id, d.val_fraction, d.test_fraction)].append(r)
-    return splits
+    return drop_train_overlap(splits)
+
+
+def drop_train_overlap(splits):
+    """Val and test without the reports whose normalised text, or (findings, impression) pair, occurs in
+    the training split: an encoder trained on a report would be graded on memory there, not on
+    understanding (many reports are one of a few normal texts: on Open-I, 95 of 379 test reports
+    equal a training report). Adds 'overlap': {split: {'dropped': n, 'of': n before}}, and prints it."""
+    key = lambda r: normalize_for_match(r.text())
+    pair = lambda r: (normalize_for_match(r.findings), normalize_for_match(r.impression))
+    seen_texts = {key(r) for r in splits["train"]}
+    seen_pairs = {pair(r) for r in splits["train"] if r.findings and r.impression}
+    overlap = {}
+    for split in ("val", "test"):
+        kept = [r for r in splits[split] if key(r) not in seen_texts
+                and not (r.findings and r.impression and pair(r) in seen_pairs)]
+        overlap[split] = {"dropped": len(splits[split]) - len(kept), "of": len(splits[split])}
+        splits[split] = kept
+    print("reports whose text occurs in training, dropped: "
+          + ", ".join(f"{split} {o['dropped']} of {o['of']}" for split, o in overlap.items()))
+    return splits | {"overlap": overlap}
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Tokens: [BOS] instruction separator report [EOS]
+# 2. Tokens: [BOS] instruction report [EOS]
 # ---------------------------------------------------------------------------------------------
-
-SEPARATOR = "!@#$%^&*()"  # LLM2Vec's instruction/text separator
 
 
 def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
@@ -70,19 +91,21 @@ def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
     return full[:i], full[i + len(plain):]
 
 
-def encode_batch(tokenizer, texts, max_len: int, pad_id: int, instruction=None, separator: str = SEPARATOR,
+def encode_batch(tokenizer, texts, max_len: int, pad_id: int, instruction=None,
                  padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Tokenise reports, optionally behind an LLM2Vec instruction: [BOS] instruction separator report [EOS].
-    Instruction and report are tokenised apart and their ids joined, so the boundary is exact. embed_mask,
-    what pooling averages, is 1 on the report and the closing special token only (without instruction it
-    equals attention_mask). The report is truncated to fit max_len, never the instruction. `instruction`:
-    one string or one per text. (LLM2Vec's code drops the separator from the input; separator=" " does
-    the same.) Returns (B, T) LongTensors input_ids, attention_mask, embed_mask."""
+    """Tokenise reports, optionally behind an LLM2Vec instruction: [BOS] instruction report [EOS].
+    LLM2Vec writes "instruction !@#$%^&*()report" only to find where the report starts, and removes the
+    separator before tokenising (its `tokenize`); here instruction and report are tokenised apart and
+    their ids joined, so the boundary is exact without any separator, and the report's tokens are the
+    same with or without an instruction. embed_mask, what pooling averages, is 1 on the report and the
+    closing special token only (without instruction it equals attention_mask). The report is truncated
+    to fit max_len, never the instruction. `instruction`: one string or one per text.
+    Returns (B, T) LongTensors input_ids, attention_mask, embed_mask."""
     assert padding_side in ("left", "right")
     instructions = list(instruction) if isinstance(instruction, (list, tuple)) else [instruction] * len(texts)
     head, tail = _special_wrap(tokenizer)
     bodies = [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-    prefixes = [e.ids for e in tokenizer.encode_batch([i.strip() + separator if i else "" for i in instructions],
+    prefixes = [e.ids for e in tokenizer.encode_batch([i.strip() if i else "" for i in instructions],
                                                       add_special_tokens=False)]
     rows, embed = [], []
     for prefix, body in zip(prefixes, bodies):
@@ -168,23 +191,42 @@ class MNTPBatches(torch.utils.data.Dataset):
 # 4. Contrastive batches
 # ---------------------------------------------------------------------------------------------
 
-def group_ids_for(texts: list[str], groups=None) -> torch.Tensor:
-    """(N,) group ids: texts whose normalize_for_match keys are equal share an id, and so do texts with the
-    same entry in `groups` (e.g. the report each variant came from); merging is transitive. Ids count
-    from 0 in order of first appearance. Used for multi-positive contrastive loss and for retrieval, where
-    identical reports must not count as negatives of each other."""
-    parent = list(range(len(texts)))
+def group_keys(texts: list[str], groups=None) -> torch.Tensor:
+    """(N, 1) or, with `groups`, (N, 2) int64 keys that put each text into a group: a 63-bit hash of its
+    normalize_for_match key and of its entry in `groups` (e.g. the report a variant came from). A hash,
+    not a count, so the same text or source gets the same key in every process and every batch: keys
+    gathered from all processes can be merged into one grouping of the global batch (groups_from_keys)."""
+    columns = [[_seed_of("text", normalize_for_match(t)) for t in texts]]
+    if groups is not None:
+        columns.append([_seed_of("group", g) for g in groups])
+    return torch.tensor(columns, dtype=torch.long).T.reshape(len(texts), len(columns))
+
+
+def groups_from_keys(keys: torch.Tensor) -> torch.Tensor:
+    """(N,) group ids from (N, C) keys: rows equal in any column share an id, transitively (union-find).
+    Ids count from 0 in order of first appearance."""
+    rows = keys.tolist()
+    parent = list(range(len(rows)))
 
     def find(i):
         while parent[i] != i:
             i = parent[i]
         return i
-    first, keys = {}, [normalize_for_match(t) for t in texts]
-    for i in range(len(texts)):
-        for key in [("text", keys[i])] + ([("group", groups[i])] if groups is not None else []):
-            parent[find(i)] = find(first.setdefault(key, i))
+    first = {}
+    for i, row in enumerate(rows):
+        for column, key in enumerate(row):
+            parent[find(i)] = find(first.setdefault((column, key), i))
     ids = {}
-    return torch.tensor([ids.setdefault(find(i), len(ids)) for i in range(len(texts))], dtype=torch.long)
+    return torch.tensor([ids.setdefault(find(i), len(ids)) for i in range(len(rows))], dtype=torch.long)
+
+
+def group_ids_for(texts: list[str], groups=None) -> torch.Tensor:
+    """(N,) group ids: texts whose normalize_for_match keys are equal share an id, and so do texts with the
+    same entry in `groups` (e.g. the report each variant came from); merging is transitive. Ids count
+    from 0 in order of first appearance, so they mean something only within these texts: across
+    processes, gather group_keys and merge them (train_text.contrastive_loss). Used for multi-positive
+    contrastive loss and for retrieval, where identical reports must not count as negatives of each other."""
+    return groups_from_keys(group_keys(texts, groups))
 
 
 class ContrastiveBatches(torch.utils.data.Dataset):
@@ -195,18 +237,20 @@ class ContrastiveBatches(torch.utils.data.Dataset):
     (behind summarize_instruction) and impression as one more positive pair, which again with
     hard_negative_share brings an error-injected impression as a hard negative. Identical texts share a group
     across reports. random.Random(seed, epoch, index) draws everything: the same batches with any number
-    of workers. Output: input_ids, attention_mask, embed_mask (B, T), group_ids, is_hard_negative (B,)."""
+    of workers. Output: input_ids, attention_mask, embed_mask (B, T), group_keys (B, 2) (data.group_keys:
+    hashes of the normalised text and of the source report; groups_from_keys turns them into ids, after
+    gathering them from every process), is_hard_negative (B,)."""
 
     def __init__(self, reports: list[Report], tokenizer, pad_id: int, batch_size: int = 48, k: int = 2,
                  max_len: int = 512, instruction: str | None = None, summarize_instruction: str | None = None,
-                 hard_negative_share: float = 0.0, summarize_share: float = 0.0, separator: str = SEPARATOR,
-                 padding_side: str = "left", seed: int = 0):
+                 hard_negative_share: float = 0.0, summarize_share: float = 0.0, padding_side: str = "left",
+                 seed: int = 0):
         assert batch_size >= k >= 1
         self.reports, self.tokenizer, self.pad_id, self.k, self.max_len = reports, tokenizer, pad_id, k, max_len
         self.per_batch = batch_size // k
         self.instruction, self.summarize_instruction = instruction, summarize_instruction
         self.hard_negative_share, self.summarize_share = hard_negative_share, summarize_share
-        self.separator, self.padding_side, self.seed = separator, padding_side, seed
+        self.padding_side, self.seed = padding_side, seed
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int):
@@ -247,8 +291,8 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         rows = self.rows(index)
         texts = [r[0] for r in rows]
         batch = encode_batch(self.tokenizer, texts, self.max_len, self.pad_id, [r[1] for r in rows],
-                             self.separator, self.padding_side)
-        batch["group_ids"] = group_ids_for(texts, [r[2] for r in rows])
+                             self.padding_side)
+        batch["group_keys"] = group_keys(texts, [r[2] for r in rows])  # ids only once all processes' rows are in
         batch["is_hard_negative"] = torch.tensor([r[3] for r in rows], dtype=torch.bool)
         return batch
 
@@ -313,7 +357,8 @@ class ImageReportDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             img = load_image(self.reports[i].images[0])
-        except OSError:
+        except OSError as e:
+            self.last_error = str(e)  # names the file; read in this process if every image fails
             return None
         return self.transform(img, key=i, epoch=self.epoch), self.reports[i].text(), i
 
@@ -354,7 +399,9 @@ class PairBatches(torch.utils.data.Dataset):
             while item is None and spare < (i + 1) * B + n:
                 item, spare = self.studies[self.order[spare % n]], spare + 1
             if item is None:
-                raise OSError(f"none of the {n} training images can be read")
+                raise OSError(f"none of the {n} training images can be read, e.g. "
+                              f"{getattr(self.studies, 'last_error', '?')}: check data.image_root and the image "
+                              "paths in data.path")
             items.append(item)
         images, texts, indices, _ = collate_pairs(items)
         return {"images": images, **self.text_side(indices, texts), "n_skipped": spare - (i + 1) * B}

@@ -1,9 +1,9 @@
 """Trained encoders on disk, and using them (a support module: skip it on a first read).
 
-- The stage-1 encoder as train_text.py saves it: `encoder.json` (the base model and seed) and, per
-  stage, a PEFT LoRA adapter (or full weights) and the pooler. `load_text_encoder` rebuilds it by
-  merging each stage's adapter in order; `embed_texts` embeds reports with it, batched, without
-  gradients, on the encoder's device:
+- The stage-1 encoder as train_text.py saves it: `encoder.json` (the base model and seed, or "init":
+  the run it was trained on top of) and, per stage, a PEFT LoRA adapter (or full weights) and the
+  pooler, inside the run's folder. `load_text_encoder` rebuilds it by merging each stage's adapter
+  in order; `embed_texts` embeds reports with it, batched, without gradients, on the encoder's device:
 
       encoder, tokenizer, mcfg = load_text_encoder("runs/small/text", device="cpu")
       emb = embed_texts(encoder, tokenizer, ["No acute disease.", "Small left effusion."], mcfg)  # (2, d)
@@ -66,26 +66,63 @@ def save_stage(encoder, stage_dir: str, lora: bool) -> dict:
     return entry
 
 
+def encoder_chain(text_dir: str) -> list:
+    """[(text_dir, spec, stages)] of a stage-1 run and of the runs it was trained on top of, the
+    first run first. spec: its encoder.json; stages: per stage, the paths of its files
+    ({"adapter" | "weights", optionally "pooler"}). Every file a stage names must lie inside its own
+    run's folder: an absolute path or one that climbs out ("../..") is refused, naming encoder.json
+    and the entry. The one link to another folder is "init": the text/ folder of the run this one
+    was trained on top of (text.init), itself read the same way."""
+    chain, seen, named_by = [], set(), None
+    while text_dir is not None:
+        path = os.path.join(text_dir, "encoder.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path!r} not found: run train_text.py with this config first" if named_by is None
+                                    else f"{path!r}, the \"init\" run of {named_by}, not found")
+        if os.path.realpath(text_dir) in seen:
+            raise ValueError(f"{path}: \"init\" leads back to a run already in the chain: {sorted(seen)}")
+        seen.add(os.path.realpath(text_dir))
+        with open(path) as f:
+            spec = json.load(f)
+        stages = [_stage_files(text_dir, path, i, stage) for i, stage in enumerate(spec["stages"])]
+        chain.insert(0, (text_dir, spec, stages))
+        text_dir, named_by = (os.path.join(text_dir, spec["init"]) if spec.get("init") else None), path
+    return chain
+
+
+def _stage_files(text_dir, path, i, stage) -> dict:
+    """{"adapter" | "weights" [, "pooler"]: path} of stages[i] of text_dir/encoder.json, each inside text_dir."""
+    def inside(key, *parts):
+        rel = os.path.normpath(os.path.join(*parts)) if all(isinstance(p, str) for p in parts) else None
+        if rel is None or os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
+            raise ValueError(f"{path}: stages[{i}].{key} = {stage[key]!r} is not a path inside the run's folder "
+                             f"{text_dir!r}; a stage's files must lie in its own run (a run trained on top of another "
+                             "names that run's folder in \"init\"): retrain with train_text.py or fix the entry")
+        return os.path.join(text_dir, rel)
+    if "dir" not in stage or ("adapter" in stage) == ("weights" in stage):
+        raise ValueError(f"{path}: stages[{i}] = {stage!r} needs \"dir\" and one of \"adapter\" or \"weights\"")
+    inside("dir", stage["dir"])
+    return {key: inside(key, stage["dir"], stage[key]) for key in ("adapter", "weights", "pooler") if key in stage}
+
+
 def load_text_encoder(text_dir: str, device="cpu"):
-    """(TextEncoder, tokenizer, ModelConfig) from `text_dir/encoder.json`: the base model, then
-    each stage's adapter merged in order (or its full weights), then the pooler."""
+    """(TextEncoder, tokenizer, ModelConfig) from `text_dir/encoder.json`: the base model, then each
+    stage's adapter merged in order (or its full weights), first those of the runs it was trained on
+    top of ("init"), then its own; then the pooler of its own last stage that has one."""
     from safetensors.torch import load_file
-    path = os.path.join(text_dir, "encoder.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} not found: run train_text.py with this config first")
-    with open(path) as f:
-        spec = json.load(f)
-    mcfg = ModelConfig(**spec["model"])
-    llm, tokenizer = build_llm(mcfg, spec["seed"], device)
+    chain = encoder_chain(text_dir)
+    base, mcfg = chain[0][1], ModelConfig(**chain[-1][1]["model"])
+    llm, tokenizer = build_llm(ModelConfig(**base["model"]), base["seed"], device)
     encoder = M.TextEncoder(llm, mcfg.pooling, mcfg.num_latents).to(device)
-    for stage in spec["stages"]:
-        d = os.path.join(text_dir, stage["dir"])
-        if "adapter" in stage:
-            M.merge_lora(load_adapter(llm, os.path.join(d, stage["adapter"])))
-        else:
-            llm.load_state_dict(load_file(os.path.join(d, stage["weights"])), strict=False)
-        if "pooler" in stage:
-            encoder.pooler.load_state_dict(load_file(os.path.join(d, stage["pooler"])))
+    for _, _, stages in chain:
+        for files in stages:
+            if "adapter" in files:
+                M.merge_lora(load_adapter(llm, files["adapter"]))
+            else:
+                llm.load_state_dict(load_file(files["weights"]), strict=False)
+    for files in chain[-1][2]:  # an earlier run's pooler is not carried over: this run's pooling decides
+        if "pooler" in files:
+            encoder.pooler.load_state_dict(load_file(files["pooler"]))
     return encoder.requires_grad_(False).eval(), tokenizer, mcfg
 
 
@@ -110,7 +147,7 @@ def embed_texts(encoder, tokenizer, texts, mcfg: ModelConfig, batch_size=32, pre
     out = []
     for i in range(0, len(texts), batch_size):
         b = data.encode_batch(tokenizer, list(texts[i:i + batch_size]), mcfg.max_len, pad,
-                              mcfg.instruction or None, data.SEPARATOR, mcfg.padding_side)
+                              mcfg.instruction or None, mcfg.padding_side)
         with env.autocast():
             out.append(encoder(*(b[k].to(device) for k in ("input_ids", "attention_mask", "embed_mask"))).float().cpu())
     return torch.cat(out) if out else torch.empty(0, encoder.llm.config.hidden_size)
@@ -170,35 +207,40 @@ def _file_hash(path):
     return h.hexdigest()
 
 
+RAW_ENCODERS = ("raw", "raw_bidirectional")  # the untrained LLM, mean-pooled: causal | without the causal mask
+
+
 def text_source(kind, text_dir, model_cfg, seed):
     """(ModelConfig, encoder_id, load) of the stage-1 encoder in text_dir (kind `trained`) or of the
-    untrained LLM of model_cfg with mean pooling (`raw`). encoder_id names the weights: encoder.json
-    and a hash of every file it lists, so rerunning stage 1 starts a new embedding cache.
-    load(device) -> (TextEncoder, tokenizer) is called only when the encoder must run."""
-    if kind == "raw":
-        mcfg = dataclasses.replace(model_cfg, pooling="mean")
-        encoder_id = "raw:" + json.dumps(dict(model=dataclasses.asdict(mcfg), seed=seed), sort_keys=True)
+    untrained LLM of model_cfg with mean pooling: `raw` runs it causally, as it was pre-trained (the
+    paper's baseline), `raw_bidirectional` without the causal mask (as evaluate.py's entries of the
+    same names). encoder_id names the weights: encoder.json and a hash of every file it lists, so
+    rerunning stage 1 starts a new embedding cache. load(device) -> (TextEncoder, tokenizer) is
+    called only when the encoder must run."""
+    if kind in RAW_ENCODERS:
+        mcfg, causal = dataclasses.replace(model_cfg, pooling="mean"), kind == "raw"
+        encoder_id = kind + ":" + json.dumps(dict(model=dataclasses.asdict(mcfg), seed=seed, causal=causal),
+                                             sort_keys=True)
 
         def load(device):  # the seed matters only for model.path: random
             llm, tokenizer = build_llm(mcfg, seed, device)
-            return M.TextEncoder(llm, "mean").to(device).requires_grad_(False).eval(), tokenizer
+            return M.TextEncoder(llm, "mean", causal=causal).to(device).requires_grad_(False).eval(), tokenizer
         return mcfg, encoder_id, load
     if kind != "trained":
-        raise ValueError(f"clip.text_encoder must be trained or raw, got {kind!r}")
+        raise ValueError(f"clip.text_encoder must be trained, {', '.join(RAW_ENCODERS)} or a path, got {kind!r}")
     path = os.path.join(text_dir, "encoder.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no stage-1 encoder at {path!r}: run train_text.py with this config first "
                                 "(or set clip.text_encoder=raw to align the images with the untrained LLM)")
-    with open(path) as f:
-        spec = json.load(f)
-    files = []
-    for stage in spec["stages"]:
-        d = os.path.join(text_dir, stage["dir"])
-        files += [os.path.join(d, stage["adapter"], n) for n in ("adapter_config.json", "adapter_model.safetensors")] \
-            if "adapter" in stage else [os.path.join(d, stage["weights"])]
-        files += [os.path.join(d, stage["pooler"])] if "pooler" in stage else []
-    encoder_id = "trained:" + json.dumps(spec, sort_keys=True) + ":" + ",".join(map(_file_hash, files))
-    return ModelConfig(**spec["model"]), encoder_id, lambda device: load_text_encoder(text_dir, device)[:2]
+    chain, files = encoder_chain(text_dir), []
+    for _, _, stages in chain:
+        for f in stages:
+            files += [os.path.join(f["adapter"], n) for n in ("adapter_config.json", "adapter_model.safetensors")] \
+                if "adapter" in f else [f["weights"]]
+            files += [f["pooler"]] if "pooler" in f else []
+    specs = ":".join(json.dumps(spec, sort_keys=True) for _, spec, _ in chain)  # one run: as before
+    encoder_id = "trained:" + specs + ":" + ",".join(map(_file_hash, files))
+    return ModelConfig(**chain[-1][1]["model"]), encoder_id, lambda device: load_text_encoder(text_dir, device)[:2]
 
 
 def frozen_embedder(load, mcfg, env, batch_size):
@@ -222,8 +264,7 @@ def standardized(embed, mean, std):
 
 def tokenized_text(tokenizer, mcfg, pad, indices, texts):
     """LoRA mode: the reports tokenised as in stage 1, padded to the batch's longest."""
-    b = data.encode_batch(tokenizer, texts, mcfg.max_len, pad, mcfg.instruction or None, data.SEPARATOR,
-                          mcfg.padding_side)
+    b = data.encode_batch(tokenizer, texts, mcfg.max_len, pad, mcfg.instruction or None, mcfg.padding_side)
     return {"text": b["input_ids"], "attention_mask": b["attention_mask"], "embed_mask": b["embed_mask"]}
 
 
@@ -261,8 +302,8 @@ def load_clip_model(clip_dir, device="cpu", precision="fp32", cache=True):
     text_dir = os.path.normpath(os.path.join(clip_dir, spec["text_dir"])) if spec["text_dir"] else None
     mcfg, encoder_id, load = text_source(spec["text_encoder"], text_dir, ModelConfig(**spec["model"]), spec["seed"])
     if encoder_id != spec["encoder_id"]:
-        raise ValueError(f"the text encoder in {text_dir!r} changed since the CLIP model in {clip_dir!r} was trained "
-                         "on it: retrain the CLIP model (train_clip.py)")
+        raise ValueError(f"the text encoder {text_dir or spec['text_encoder']!r} changed since the CLIP model in "
+                         f"{clip_dir!r} was trained on it: retrain the CLIP model (train_clip.py)")
     env = Env(torch.device(device), precision=precision)
     vit = M.ViT(M.VisionConfig(**spec["vision"]))
     if spec["text_mode"] == "frozen":

@@ -7,8 +7,12 @@
   and 100,000 reports), never the 40 GB Q x G matrix of a 100,000 x 100,000 evaluation. As in
   open_clip, the tests check the chunked ranks against a brute-force argsort.
 - Report understanding (Ko et al. 2025, sec. 3; the cases: cases.py): acronym, paraphrase and summarisation
-  retrieval, error discrimination, clinical similarity. They take `embed(texts) -> (N, d)` and
-  plain strings, so they run on any encoder, or on a fake one in the tests.
+  retrieval (multi-positive: every equally correct answer is a hit; summarisation also at the label
+  level), error discrimination, clinical similarity. They take `embed(texts) -> (N, d)` and plain
+  strings, so they run on any encoder, or on a fake one in the tests.
+- Baselines on the same cases, so that a table shows whether an encoder beats a bag of words:
+  TF-IDF (an embed function like any encoder's), pick-shortest / pick-longest, the majority answer,
+  chance.
 - Zero-shot classification as in CheXzero (Tiu et al. 2022, Nat. Biomed. Eng.): a positive and a negative prompt per
   observation, AUROC per label with bootstrap 95 % confidence intervals.
 
@@ -25,10 +29,13 @@ Run: python evaluate.py configs/small.yaml   (see the command at the bottom)
 """
 import functools
 import json
+import math
 import os
 import random
+import re
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -39,11 +46,11 @@ from tqdm import tqdm
 
 import data
 import model
-from cases import CASE_KEYS, build_text_cases, read_cases_jsonl
+from cases import CASE_KEYS, build_text_cases, read_cases_jsonl, write_cases_jsonl
 from encoders import build_llm, load_clip_model, load_text_encoder, make_embed, text_dir_of
 from reports import label_report, normalize_for_match
 from results import cell, contact_sheet, results_table, retrieval_html, slug
-from runtime import Env, load_config, setup
+from runtime import Env, atomic_write, load_config, setup, write_text
 from synthetic import SyntheticStudies
 
 
@@ -239,18 +246,88 @@ def zero_shot_classify(image_emb, pos_text_emb, neg_text_emb, labels,
 # Report understanding: metrics on `embed(texts) -> (N, d)` and plain strings
 # ---------------------------------------------------------------------------------------------
 
-def text_retrieval_task(embed, queries, answers, keys=None, ks=(1, 5)):
-    """Query i -> the gallery of all answers; correct: answer i and every answer with its key.
-    keys default to the answer text itself, so exact duplicates, which no encoder can tell
-    apart, are merged; the builder passes normalised text instead."""
+def multi_positive_ranks(query_emb, gallery_emb, hit_class, gallery_class, chunk_size=256):
+    """1-indexed rank of each query's best correct gallery item, (Q,) long tensor, when a query can have
+    several: item j is correct for query i when hit_class[i, gallery_class[j]] ((Q, C) bool, and one
+    class id in 0..C-1 per item). As in retrieval_ranks, ties count against the model: 1 + the number
+    of wrong items scoring >= the best correct one. The text tasks use it; their galleries are small."""
+    q, g = _normalize(query_emb), _normalize(gallery_emb)
+    hit_class = torch.as_tensor(hit_class, dtype=torch.bool).to(g.device)
+    gallery_class = torch.as_tensor(gallery_class).to(g.device)
+    if not hit_class[:, gallery_class].any(1).all():
+        raise ValueError("every query needs at least one correct gallery item")
+    ranks = []
+    for start in range(0, len(q), chunk_size):
+        scores = q[start:start + chunk_size] @ g.T                     # (c, G)
+        hit = hit_class[start:start + chunk_size][:, gallery_class]     # (c, G)
+        best = scores.masked_fill(~hit, -torch.inf).amax(1, keepdim=True)
+        ranks.append(1 + ((scores >= best) & ~hit).sum(1).cpu())
+    return torch.cat(ranks).long()
+
+
+def text_retrieval_task(embed, queries, answers, keys=None, ks=(1, 5), query_keys=None, other_keys=None,
+                        match=None):
+    """Query i -> the gallery of all answers, one entry per key. keys default to the answer text itself,
+    so exact duplicates, which no encoder can tell apart, are merged; the builder passes normalised text.
+
+    Multi-positive: query i's hits are its answer's entry, the entries of other_keys[i] (other answers
+    that are correct too; keys no answer has are ignored), and the entries of every query with the same
+    query key (default: the query text; evaluate_text_tasks passes normalised text), since no encoder
+    can tell identical queries apart either. match(answer) -> hashable widens every hit to all entries
+    with the same match (the label level of summarisation: an impression with the same findings).
+    Adds chance (R@k of a random ranking, ~k x hits / gallery entries), gallery_entries, and
+    multi_answer_queries: the queries with more than one correct entry."""
     if len(queries) != len(answers):
         raise ValueError(f"{len(queries)} queries but {len(answers)} answers")
     keys = list(answers) if keys is None else list(keys)
+    query_keys = list(queries) if query_keys is None else list(query_keys)
     first = {}  # key -> index of the first answer with that key: one gallery entry per key
     for i, k in enumerate(keys):
         first.setdefault(k, i)
-    gallery = [answers[i] for i in first.values()]
-    return retrieval_metrics(embed(list(queries)), embed(gallery), keys, list(first), ks=ks)
+    gallery, entry = [answers[i] for i in first.values()], {k: j for j, k in enumerate(first)}
+    classes = {}  # an entry's class: its key, or its match; a query's hits are whole classes
+    gallery_class = torch.tensor([classes.setdefault(k if match is None else match(answers[i]), len(classes))
+                                  for k, i in first.items()])
+    correct = {}  # query key -> gallery entries of its answers
+    for i, (query_key, key) in enumerate(zip(query_keys, keys)):
+        more = other_keys[i] if other_keys is not None else []
+        correct.setdefault(query_key, set()).update(entry[k] for k in [key, *more] if k in entry)
+    hit_class = torch.zeros(len(queries), len(classes), dtype=torch.bool)
+    for i, query_key in enumerate(query_keys):
+        hit_class[i, gallery_class[sorted(correct[query_key])]] = True
+    ranks = multi_positive_ranks(embed(list(queries)), embed(gallery), hit_class, gallery_class)
+    n_hits = (hit_class.long() @ torch.bincount(gallery_class, minlength=len(classes))).tolist()  # (Q,)
+    n = len(gallery)  # a random ranking misses all h hits in its top k with probability C(n-h, k) / C(n, k)
+    chance = {f"R@{k}": 100 * float(np.mean([1 - math.comb(n - h, min(k, n)) / math.comb(n, min(k, n))
+                                              for h in n_hits])) for k in ks}
+    return summarize_ranks(ranks, ks) | {"multi_positive": "merged_by_key", "chance": chance,
+                                         "gallery_entries": n,
+                                         "multi_answer_queries": sum(h > 1 for h in n_hits)}
+
+
+def _error_scores(cases, true_sim, wrong_sim, ties="loss"):
+    """The error-discrimination metrics from the score of each case's true impression (N,) and of each
+    wrong one (W,), in case order. ties="loss": a tie counts against (encoders; see the module
+    docstring); "random": broken at random, the expected accuracy of a picker that has no preference."""
+    n_wrong = torch.tensor([len(c["wrong"]) for c in cases])
+    case_of = torch.repeat_interleave(torch.arange(len(cases)), n_wrong)  # (W,) case of each wrong
+    beats = (true_sim[case_of] > wrong_sim).double()  # (W,)
+    tied = (true_sim[case_of] == wrong_sim).double()
+    per_case = lambda x: torch.zeros(len(cases), dtype=torch.float64).index_add_(0, case_of, x)
+    beaten, n_tied = per_case(1 - beats - tied), per_case(tied)  # wrong ones above / level with the true one
+    if ties == "random":  # the true one is picked from the n_tied + 1 at the top; a tied pair is half a win
+        top1, pair = (beaten == 0) / (1 + n_tied), beats + tied / 2
+    else:
+        top1, pair = ((beaten + n_tied) == 0).double(), beats
+    kinds = [k for c in cases for k in c.get("kinds", ["unspecified"] * len(c["wrong"]))]
+    per_kind = {}
+    for kind in dict.fromkeys(kinds):
+        mask = torch.tensor([k == kind for k in kinds])
+        per_kind[kind] = {"pairwise_accuracy": 100 * pair[mask].mean().item(), "n": int(mask.sum())}
+    return {"top1_accuracy": 100 * top1.mean().item(),
+            "chance": 100 * (1 / (1 + n_wrong.double())).mean().item(),
+            "pairwise_accuracy": 100 * pair.mean().item(),
+            "n_cases": len(cases), "per_kind": per_kind}
 
 
 def error_discrimination(embed, cases):
@@ -266,51 +343,98 @@ def error_discrimination(embed, cases):
     findings = _normalize(embed([c["findings"] for c in cases])).cpu()
     true = _normalize(embed([c["impression"] for c in cases])).cpu()
     wrong = _normalize(embed([w for c in cases for w in c["wrong"]])).cpu()
-    case_of = torch.repeat_interleave(torch.arange(len(cases)), n_wrong)  # (W,) case of each wrong
-    true_sim = (findings * true).sum(1)  # (N,)
-    beats = true_sim[case_of] > (findings[case_of] * wrong).sum(1)  # (W,) ties count as a loss
-    losses = torch.zeros(len(cases)).index_add_(0, case_of, (~beats).float())
-    kinds = [k for c in cases for k in c.get("kinds", ["unspecified"] * len(c["wrong"]))]
-    per_kind = {}
-    for kind in dict.fromkeys(kinds):
-        mask = torch.tensor([k == kind for k in kinds])
-        per_kind[kind] = {"pairwise_accuracy": 100 * beats[mask].float().mean().item(),
-                          "n": int(mask.sum())}
-    return {"top1_accuracy": 100 * (losses == 0).float().mean().item(),
-            "chance": 100 * (1 / (1 + n_wrong.double())).mean().item(),
-            "pairwise_accuracy": 100 * beats.float().mean().item(),
-            "n_cases": len(cases), "per_kind": per_kind}
+    case_of = torch.repeat_interleave(torch.arange(len(cases)), n_wrong)
+    return _error_scores(cases, (findings * true).sum(1), (findings[case_of] * wrong).sum(1))
 
 
 def _positive_findings(labels):
     found = {k for k, v in labels.items() if v == 1} if isinstance(labels, dict) else set(labels)
-    return found or {"No Finding"}  # two normal reports agree (F1 = 1) instead of 0/0
+    return frozenset(found or {"No Finding"})  # two normal reports agree (F1 = 1) instead of 0/0
+
+
+def _label_f1(a, b):
+    return 2 * len(a & b) / (len(a) + len(b))
 
 
 def clinical_similarity(retrieved_texts, true_texts, label_fn):
     """Mean label F1 between the labeler's positive findings of each top-1 retrieved report and
     of the true report (the project's stand-in for RadGraph F1). label_fn(text) returns
     {label: value} (positive where value == 1, CheXpert style) or an iterable of positive labels."""
-    f1 = []
-    for retrieved, true in zip(retrieved_texts, true_texts, strict=True):
-        a, b = _positive_findings(label_fn(retrieved)), _positive_findings(label_fn(true))
-        f1.append(2 * len(a & b) / (len(a) + len(b)))
+    f1 = [_label_f1(_positive_findings(label_fn(retrieved)), _positive_findings(label_fn(true)))
+          for retrieved, true in zip(retrieved_texts, true_texts, strict=True)]
     return {"label_f1": float(np.mean(f1)), "n": len(f1)}
 
 
-def evaluate_text_tasks(embed, cases):
-    """Run every task in {task: [case, ...]} (from build_text_cases or read_cases_jsonl)."""
+def evaluate_text_tasks(embed, cases, label_fn=label_report):
+    """Run every task in {task: [case, ...]} (from build_text_cases or read_cases_jsonl). Queries
+    with the same normalised text share their answers (text_retrieval_task). Summarisation is also
+    scored at the label level ("summarisation_label"): a hit is any impression with the true one's
+    positive findings (label_fn), since many impressions are one of a few normal phrasings."""
     results = {}
     for task, cs in cases.items():
         if not cs:  # e.g. a source without FINDINGS sections has no summarisation cases
             continue
         if task == "error":
             results[task] = error_discrimination(embed, cs)
-        else:
-            results[task] = text_retrieval_task(embed, [c["query"] for c in cs],
-                                                [c["answer"] for c in cs],
-                                                [c.get("key", c["answer"]) for c in cs])
+            continue
+        args = (embed, [c["query"] for c in cs], [c["answer"] for c in cs],
+                [c.get("key", c["answer"]) for c in cs])
+        kwargs = dict(query_keys=[normalize_for_match(c["query"]) for c in cs],
+                      other_keys=[c.get("other_keys", []) for c in cs])
+        results[task] = text_retrieval_task(*args, **kwargs)
+        if task == "summarisation":
+            findings = functools.lru_cache(maxsize=None)(lambda text: _positive_findings(label_fn(text)))
+            results["summarisation_label"] = text_retrieval_task(*args, **kwargs, match=findings)
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: what a bag of words, the length of a text, or a constant answer scores on the same cases
+# ---------------------------------------------------------------------------------------------
+
+def tfidf_embed(train_texts, max_vocab=10000):
+    """A bag-of-words baseline as an embed(texts) -> (N, V) function, fitted on the training reports:
+    raw counts of the lowercased word tokens times the smoothed idf ln((1 + N) / (1 + df)) + 1 (as
+    scikit-learn's default), L2-normalised. The vocabulary: the max_vocab words in the most training
+    reports; other words are ignored. An encoder that does not beat it has learnt little beyond
+    shared words."""
+    words = lambda text: re.findall(r"[a-z0-9]+", text.lower())
+    df = Counter(w for text in train_texts for w in set(words(text)))
+    vocab = {w: i for i, (w, _) in enumerate(sorted(df.items(), key=lambda x: (-x[1], x[0]))[:max_vocab])}
+    idf = torch.tensor([math.log((1 + len(train_texts)) / (1 + df[w])) + 1 for w in vocab])
+
+    def embed(texts):
+        counts = torch.zeros(len(texts), len(vocab))
+        for i, text in enumerate(texts):
+            for w, c in Counter(w for w in words(text) if w in vocab).items():
+                counts[i, vocab[w]] = c
+        return F.normalize(counts * idf, dim=-1)
+    return embed
+
+
+def length_baseline(cases, longest=False):
+    """Error discrimination by length alone: pick the shortest (or longest) impression, ties broken at
+    random. Far above chance, the cases reward length (e.g. an error appended as a sentence), not reading."""
+    sign = 1.0 if longest else -1.0
+    true = torch.tensor([sign * len(c["impression"]) for c in cases], dtype=torch.float64)
+    wrong = torch.tensor([sign * len(w) for c in cases for w in c["wrong"]], dtype=torch.float64)
+    return _error_scores(cases, true, wrong, ties="random")
+
+
+def majority_baseline(train_impressions, cases, label_fn=label_report, max_reports=5000):
+    """A constant answer: the most common set of positive findings among the training impressions (about
+    max_reports of them, evenly spaced; on Open-I: No Finding). Scores clinical label F1 against each
+    summarisation answer, and summarisation label R@1 as a system that always retrieves an impression
+    with those findings."""
+    step = max(1, len(train_impressions) // max_reports)
+    sets = Counter(_positive_findings(label_fn(t)) for t in train_impressions[::step] if t)
+    if not sets or not cases["summarisation"]:
+        return {}
+    answer = min(sets, key=lambda s: (-sets[s], sorted(s)))
+    truth = [_positive_findings(label_fn(c["answer"])) for c in cases["summarisation"]]
+    return {"summarisation_label": {"R@1": 100 * float(np.mean([t == answer for t in truth]))},
+            "clinical": {"label_f1": float(np.mean([_label_f1(answer, t) for t in truth])), "n": len(truth),
+                         "answer": sorted(answer)}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,14 +483,18 @@ def evaluate_split(model, text_fn, dataset, texts_by_style, precision, batch_siz
 #    data.source (real Open-I by default), or read from the eval.cases files;
 # 2. when train_clip.py has saved out_dir/clip, the CLIP model on synthetic test studies: image <->
 #    report retrieval in each data.test_styles style and zero-shot AUROC per CheXpert label.
-# It writes out_dir/eval/: results.json (everything), results.md (the tables, also printed), and
-# pictures of what was retrieved: retrieval.html (self-contained) and a PNG contact sheet per model.
+# The baselines are rows of the same tables. It writes out_dir/eval/: cases/{task}.jsonl (the cases,
+# in the format eval.cases reads), results.json (everything), results.md (the tables, also printed),
+# and pictures of what was retrieved: retrieval.html (self-contained) and a PNG contact sheet per model.
 
 
 RAW_MODELS = ("raw", "raw_bidirectional")
-HEADLINE = [("acronym", "R@1"), ("acronym", "R@5"), ("paraphrase", "R@1"), ("paraphrase", "R@5"),
-            ("summarisation", "R@1"), ("summarisation", "R@5"), ("error", "top1_accuracy"),
-            ("clinical", "label_f1")]
+HEADLINE = {"acronym R@1": ("acronym", "R@1"), "acronym R@5": ("acronym", "R@5"),
+            "paraphrase R@1": ("paraphrase", "R@1"), "paraphrase R@5": ("paraphrase", "R@5"),
+            "summarisation R@1": ("summarisation", "R@1"), "summarisation R@5": ("summarisation", "R@5"),
+            "summarisation label R@1": ("summarisation_label", "R@1"),
+            "error top1_accuracy": ("error", "top1_accuracy"),
+            "clinical label_f1": ("clinical", "label_f1")}
 MERGE_NOTES = {  # eval.merge: which reports count as a hit in image <-> report retrieval
     "text": "identical normalised reports are one gallery entry, a hit for every image whose report "
             "it is (report_keys)",
@@ -421,13 +549,14 @@ def cached_embed(embed, name, batch_size):
     return cached
 
 
-def text_cases(cfg):
-    """{task: [case]} from the test split of data.source (eval.max_reports of them, 0 = all), each
-    task replaced by its eval.cases file where given; and {task: where its cases came from}."""
+def text_cases(cfg, reports):
+    """{task: [case]} from the test split of data.source (eval.max_reports of them, 0 = all; reports:
+    data.load_reports), each task replaced by its eval.cases file where given; and {task: where its
+    cases came from}."""
     cases = {task: [] for task in CASE_KEYS}
     source = f"the {cfg.data.source} test split"
     if set(cfg.eval.cases) != set(CASE_KEYS):
-        reports = data.load_reports(cfg)["test"]
+        reports = reports["test"]
         cases = build_text_cases(reports, random.Random(cfg.seed), cfg.eval.max_reports or None)
         source += f" ({min(len(reports), cfg.eval.max_reports or len(reports))} reports)"
     for task, path in cfg.eval.cases.items():
@@ -446,14 +575,19 @@ def merged_gallery(answers, keys):
 def evaluate_text_model(embed, cases, examples, k=5):
     """All text tasks; clinical similarity of each summarisation query's top-1 impression; and the
     top-k of the sampled summarisation queries in `examples`, for the pictures."""
-    results = evaluate_text_tasks(embed, cases)
+    label = functools.lru_cache(maxsize=None)(label_report)  # gallery reports recur
+    results = evaluate_text_tasks(embed, cases, label)
     summ, rows = cases["summarisation"], []
     if summ:
         answers = [c["answer"] for c in summ]
         gallery, keys = merged_gallery(answers, [c.get("key", c["answer"]) for c in summ])
         scores, idx = topk_retrieve(embed([c["query"] for c in summ]), embed(gallery), k)
-        label = functools.lru_cache(maxsize=None)(label_report)  # gallery reports recur
         results["clinical"] = clinical_similarity([gallery[i] for i in idx[:, 0]], answers, label)
+        # chance: the mean F1 of a gallery entry drawn at random, counted per set of findings
+        in_gallery = Counter(_positive_findings(label(t)) for t in gallery)
+        results["clinical"]["chance"] = float(np.mean([
+            sum(n * _label_f1(s, _positive_findings(label(a))) for s, n in in_gallery.items()) / len(gallery)
+            for a in answers]))
         for q in examples:
             key = summ[q].get("key", summ[q]["answer"])
             rows.append({"query": summ[q]["query"], "truth": summ[q]["answer"],
@@ -464,7 +598,27 @@ def evaluate_text_model(embed, cases, examples, k=5):
 
 def headline(results):
     """The table's columns: the number the paper reports for each task, and its R@5."""
-    return {f"{task} {metric}": results.get(task, {}).get(metric) for task, metric in HEADLINE}
+    return {column: results.get(task, {}).get(metric) for column, (task, metric) in HEADLINE.items()}
+
+
+def evaluate_baselines(cases, train_reports, batch_size):
+    """The rows an encoder must beat, on the same cases: TF-IDF fitted on the training reports (every
+    task), pick-shortest and pick-longest (error discrimination), the majority answer (clinical label
+    F1), and chance (from the cases alone)."""
+    tfidf, _ = evaluate_text_model(cached_embed(tfidf_embed([r.text() for r in train_reports]), "TF-IDF",
+                                                batch_size), cases, [])
+    rows = {"baseline: TF-IDF": tfidf}
+    if cases["error"]:
+        rows["baseline: shortest"] = {"error": length_baseline(cases["error"])}
+        rows["baseline: longest"] = {"error": length_baseline(cases["error"], longest=True)}
+    rows["baseline: majority"] = majority_baseline([r.impression for r in train_reports], cases)
+    chance = {task: {metric: r["chance"][metric] for metric in r["chance"]}
+              for task, r in tfidf.items() if isinstance(r.get("chance"), dict)}
+    if "error" in tfidf:
+        chance["error"] = {"top1_accuracy": tfidf["error"]["chance"], "pairwise_accuracy": 50.0}
+    if "clinical" in tfidf:
+        chance["clinical"] = {"label_f1": tfidf["clinical"]["chance"]}
+    return rows | {"chance": chance}
 
 
 def evaluate_clip(cfg, env, clip_dir):
@@ -509,11 +663,24 @@ def markdown_report(results, n_boot):
     by_source = {}
     for task, c in text["cases"].items():
         by_source.setdefault(c["from"], []).append(f"{task} {c['n']}")
+    test, baselines = text["overlap"]["test"], text["baselines"]
+    notes = [f"Test reports whose text occurs in training were dropped first: {test['dropped']} of {test['of']}."]
+    multi = {task: r["multi_answer_queries"] for task, r in baselines["baseline: TF-IDF"].items()
+             if r.get("multi_answer_queries") and task != "summarisation_label"}  # the same for every model
+    if multi:
+        notes.append("Queries with several correct answers, each counted as a hit: "
+                     + ", ".join(f"{task} {n}" for task, n in multi.items()) + ".")
+    notes.append("Summarisation label R@1: the top impression has the true one's findings.")
+    if "clinical" in baselines["baseline: majority"]:
+        notes.append(f"Majority: always {', '.join(baselines['baseline: majority']['clinical']['answer'])}, "
+                     "the most common findings of the training impressions.")
+    rows = text["models"] | baselines  # the baselines beside the encoders: an encoder must beat them
     md = ["## Text encoders on the report tasks\n\nCases: "
-          + "; ".join(f"{', '.join(tasks)} from {source}" for source, tasks in by_source.items()) + ".\n\n",
-          results_table({name: headline(r) for name, r in text["models"].items()})]
+          + "; ".join(f"{', '.join(tasks)} from {source}" for source, tasks in by_source.items())
+          + ". " + " ".join(notes) + "\n\n",
+          results_table({name: headline(r) for name, r in rows.items()})]
     per_kind = {name: {kind: v["pairwise_accuracy"] for kind, v in r["error"]["per_kind"].items()}
-                for name, r in text["models"].items() if "error" in r}
+                for name, r in rows.items() if "per_kind" in r.get("error", {})}
     if per_kind:
         md += ["\nError discrimination, pairwise accuracy per error kind (chance 50 %):\n\n",
                results_table(per_kind)]
@@ -542,8 +709,10 @@ def main(argv):
     out_dir = Path(cfg.out_dir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # 1. text encoders: the same cases and the same sampled queries for every model
-    cases, sources = text_cases(cfg)
+    # 1. text encoders: the same cases and the same sampled queries for every model, and the baselines
+    reports = data.load_reports(cfg)
+    cases, sources = text_cases(cfg, reports)
+    print(f"cases written to {out_dir / 'cases'}/:", ", ".join(write_cases_jsonl(cases, out_dir / "cases")))
     n_summ = len(cases["summarisation"])
     examples = sorted(np.random.default_rng(cfg.seed).choice(n_summ, min(e.n_examples, n_summ),
                                                               replace=False).tolist())
@@ -558,7 +727,8 @@ def main(argv):
         sections.append((name, f"{name}: summarisation, FINDINGS -> top-5 of all IMPRESSIONS", rows))
         del encoder, embed
     results = {"text": {"cases": {t: {"n": len(cs), "from": sources[t]} for t, cs in cases.items()},
-                        "models": text}}
+                        "overlap": reports["overlap"], "models": text,
+                        "baselines": evaluate_baselines(cases, reports["train"], e.batch_size)}}
 
     # 2. the CLIP model, once train_clip.py has saved it
     clip_dir = os.path.join(cfg.out_dir, "clip")
@@ -571,14 +741,15 @@ def main(argv):
     results["config"] = asdict(cfg)
 
     table = markdown_report(results, e.n_boot)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "results.md").write_text(table)
+    write_text(str(out_dir / "results.json"), json.dumps(results, indent=2) + "\n")
+    write_text(str(out_dir / "results.md"), table)
     note = ("Sampled queries and their top-5; green = correct. Identical normalised reports are one "
             "entry (image side: as eval.merge says), so a correct hit can be another study's report "
             "with the same text.")
-    (out_dir / "retrieval.html").write_text(retrieval_html(sections, note))
+    write_text(str(out_dir / "retrieval.html"), retrieval_html(sections, note))
     for name, title, rows in sections:
-        contact_sheet(title, rows).save(out_dir / f"retrieval_{slug(name)}.png")
+        sheet = contact_sheet(title, rows)
+        atomic_write(str(out_dir / f"retrieval_{slug(name)}.png"), lambda p: sheet.save(p, format="PNG"))
     print(table)
     print(f"written to {out_dir}/: results.json, results.md, retrieval.html, "
           + ", ".join(f"retrieval_{slug(name)}.png" for name, _, _ in sections))

@@ -94,7 +94,8 @@ def supcon_loss(embeddings, group_ids, temperature=0.02, hard_negative=None, anc
 
     embeddings (n, d). group_ids (n,) int: items with the same id are positives of each other.
     Identical texts must share an id (data.group_ids_for), so two "no acute disease" reports in
-    one batch are never pushed apart; with gather=True an id must mean the same on every rank.
+    one batch are never pushed apart; with gather=True an id must mean the same on every rank
+    (stage 1 builds them from the gathered rows of all ranks: train_text.contrastive_loss).
     hard_negative (n,) bool: error-injected reports, only ever negatives: never anchors and never
     positives, even when their group id matches. anchors, candidates (n,) bool, default all:
     which rows are anchors, and which may enter the denominator (as positive or negative).

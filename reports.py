@@ -163,10 +163,24 @@ def read_pairs(path: str) -> list[Report]:
     so that the CLIP loader counts the unreadable ones."""
     _need(path, "image-report pair file", "write a CSV or JSONL with image, report[, study_id] per row")
     if path.endswith(".jsonl"):
+        rows = []
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({e}); each line must be one object "
+                                     'such as {"image": "a.png", "report": "..."}') from None
+                if not isinstance(rows[-1], dict) or "report" not in rows[-1]:
+                    raise ValueError(f"{path}, line {n}: needs an object with a \"report\" key (and image, "
+                                     f"study_id), got {line.strip()[:80]!r}")
     else:
         rows = _csv_rows(path)
+        if rows and "report" not in rows[0]:
+            raise ValueError(f"{path} has no 'report' column: its header reads {list(rows[0])}; a pairs CSV needs "
+                             "the columns image, report[, study_id] in its first line")
     studies = {}
     for i, row in enumerate(rows):
         sid = str(row.get("study_id") or i)

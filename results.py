@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from runtime import atomic_write, write_text
+
 
 # ---------------------------------------------------------------------------------------------
 # Tables and JSON
@@ -45,8 +47,8 @@ def write_results(results, out_dir, name):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    md_path.write_text(results_table(results))
+    write_text(str(json_path), json.dumps(results, indent=2) + "\n")
+    write_text(str(md_path), results_table(results))
     return json_path, md_path
 
 
@@ -159,4 +161,4 @@ def plot_losses(log_paths: dict, png_path: str, size=(720, 400)):
         draw.text((x0 + 4, y0 + 2), f"{hi:.3g}", fill="gray")
         draw.text((x0 + 4, y1 - 12), f"{lo:.3g}", fill="gray")
         draw.text((x1 - 60, y1 + 4), f"step {steps[-1]}", fill="gray")
-    img.save(png_path)
+    atomic_write(png_path, lambda p: img.save(p, format="PNG"))

@@ -97,7 +97,8 @@ class TrainConfig:
 
 @dataclass
 class ClipConfig:
-    text_encoder: str = "trained"  # trained: the stage-1 encoder in out_dir/text | raw: the untrained LLM, mean pooling
+    text_encoder: str = "trained"  # trained: the stage-1 encoder in out_dir/text | raw: the untrained LLM, causal, mean
+    #                                pooling (the paper's baseline) | raw_bidirectional: the same without the causal mask
     #                                | the path of another run's text/ folder (or of an out_dir holding one)
     text_mode: str = "frozen"      # frozen: cached embeddings + adapter MLP (LLM2CLIP's cheap variant) | lora
     lora_r: int = 16               # lora mode: LoRA on q/k/v/o of the encoder's LLM (paper: r 16, alpha 32, dropout 0.1)
@@ -182,6 +183,9 @@ def load_config(path: str, overrides=()) -> Config:
         raise FileNotFoundError(f"config file {path!r} not found")
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise TypeError(f"config file {path!r} must be a mapping of sections (out_dir:, model:, text:, ...), "
+                        f"not a YAML {type(raw).__name__}")
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
@@ -193,7 +197,34 @@ def load_config(path: str, overrides=()) -> Config:
             if not isinstance(node, dict):
                 raise KeyError(f"override {key!r}: {p!r} is not a section")
         node[last] = yaml.safe_load(value)
-    return from_dict(Config, raw)
+    return check(from_dict(Config, raw))
+
+
+MODEL_DTYPES = ("float32", "bfloat16")
+
+
+def check(cfg: Config) -> Config:
+    """Refuse values of the right type that no script can use, in one place, naming the key and the fix.
+    (Choices a single script reads, like clip.text_mode or eval.merge, are checked where it starts.)"""
+    from model import LlamaConfig
+    m = cfg.model
+    if m.dtype not in MODEL_DTYPES:
+        raise ValueError(f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, got {m.dtype!r} (fp16 computation: "
+                         "model.dtype=float32 with train.precision=fp16)")
+    fields = sorted(f.name for f in dataclasses.fields(LlamaConfig) if f.name != "vocab_size")
+    unknown = sorted(set(m.random_init) - set(fields))
+    if unknown:
+        raise KeyError(f"model.random_init: unknown LlamaConfig field(s) {unknown}; valid: {', '.join(fields)} "
+                       "(vocab_size comes from model.tokenizer)")
+    for name, stage in (("text.mntp", cfg.text.mntp), ("text.contrastive", cfg.text.contrastive),
+                        ("clip.optim", cfg.clip.optim)):
+        for key, least in (("steps", 0), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0)):
+            if getattr(stage, key) < least:
+                raise ValueError(f"{name}.{key} must be at least {least}, got {getattr(stage, key)}")
+    for key, value in (("clip.embed_batch_size", cfg.clip.embed_batch_size), ("eval.batch_size", cfg.eval.batch_size)):
+        if value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}")
+    return cfg
 
 
 def save_config(cfg: Config, path: str):
@@ -205,27 +236,120 @@ def save_config(cfg: Config, path: str):
 # ---------------------------------------------------------------------------------------------
 
 def atomic_write(path: str, write):
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    """Write through a temporary file and rename, so a crash never leaves a half-written file. The
+    temporary file, path.tmpPID, is removed if writing fails; one that a killed process left behind
+    is removed by the next write of the same path."""
+    remove_stale_temp_files(path)
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
+
+def write_text(path: str, text: str):
+    """A text file (JSON, Markdown, HTML), written atomically."""
+    def write(p):
+        with open(p, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True      # it exists, under another user
+    return True
+
+
+def remove_stale_temp_files(path: str):
+    """Delete the path.tmpPID files of processes that are gone (a save killed midway)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for f in os.listdir(folder) if os.path.isdir(folder) else []:
+        pid = f[len(name) + 4:]
+        if f.startswith(name + ".tmp") and pid.isdigit() and not process_alive(int(pid)):
+            try:
+                os.remove(os.path.join(folder, f))
+            except FileNotFoundError:
+                pass     # another process removed it first
+
+
+_held_locks = {}
+
+
+def lock_folder(folder: str):
+    """Hold an exclusive lock on folder/.lock until this process exits (the system releases it, even
+    after kill -9): a second run on the same out_dir stops here, naming this process, instead of
+    mixing its log and checkpoints with ours. POSIX only; elsewhere a no-op."""
+    path = os.path.abspath(os.path.join(folder, ".lock"))
+    if path in _held_locks:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        other = f.read().strip() or "unknown"
+        f.close()
+        raise RuntimeError(f"{folder} is in use by another run (process {other}): two runs on one out_dir would "
+                           f"mix their logs and checkpoints. Wait for it to end, stop it, or choose another out_dir.")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    _held_locks[path] = f
+
+
+# A checkpoint holds tensors and plain values only (no pickled objects), so it is read with
+# torch.load(weights_only=True): a crafted ckpt.pt cannot run code when a run resumes from it.
 
 def save_checkpoint(path: str, state: dict):
     atomic_write(path, lambda p: torch.save(state, p))
 
 
+def load_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])  # names the object
+        raise ValueError(f"cannot resume from {path}: it is not a checkpoint this code wrote, or it is damaged "
+                         f"({reason}). Checkpoints are read as tensors and plain values only, never as "
+                         f"arbitrary objects. Delete it, or start this stage over with train.resume=none.") from e
+
+
 def rng_state() -> dict:
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    """This process's random generators as tensors and plain values (a checkpoint holds one per rank)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=[version, list(internal), gauss],
+                numpy=[kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
 def set_rng_state(s: dict):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
+    if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def seed_all(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +376,8 @@ class Env:
 
 
 def setup(cfg: Config) -> Env:
-    """Pick the device, join the process group under torchrun, seed everything."""
+    """Pick the device, join the process group under torchrun, seed everything with cfg.seed, the same
+    on every rank (models are built alike); train_loop then gives each rank a stream of its own."""
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -271,9 +396,7 @@ def setup(cfg: Config) -> Env:
         torch.backends.cudnn.allow_tf32 = True
     if device.type == "cpu":
         keep_freed_memory()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     return Env(device, rank, world, cfg.train.precision)
 
 
@@ -295,7 +418,7 @@ def lr_at(step: int, stage: "StageConfig") -> float:
     if step < stage.warmup_steps:
         return stage.lr * (step + 1) / stage.warmup_steps
     progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
-    return stage.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
+    return float(stage.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))))
 
 
 def all_mean(x: float, env: Env) -> float:
@@ -305,6 +428,15 @@ def all_mean(x: float, env: Env) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=env.device)
     torch.distributed.all_reduce(t)
     return t.item() / env.world_size
+
+
+def all_gather(obj, env: Env) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if env.world_size == 1:
+        return [obj]
+    out = [None] * env.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def rank0_first(env, fn):
@@ -327,7 +459,11 @@ class NonFiniteLoss(RuntimeError):
 
 class EndlessBatches(torch.utils.data.Dataset):
     """Micro-batch i of a whole run over an epoch-based batch dataset (`set_epoch`, `len`): epochs
-    follow each other, and under torchrun rank r takes every world_size-th batch."""
+    follow each other, and under torchrun rank r takes batch i·N + r (N processes). The batch datasets
+    lay an epoch out as consecutive slices of one permutation, so with batch b per rank the batches
+    i·N .. i·N + N-1 of all ranks are together batch i of one process with batch N·b, and an epoch
+    has len // N · N of them: the len % N left over are what that one process drops at the epoch's end
+    too (fewer than N·b reports). tests/test_checkpoints.py checks this over several epochs."""
 
     def __init__(self, batches, env: "Env"):
         self.batches, self.rank, self.world = batches, env.rank, env.world_size
@@ -348,6 +484,67 @@ def trainable_state(model: torch.nn.Module) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def weight_decay_groups(model: torch.nn.Module) -> tuple[list, list]:
+    """(decayed, not decayed) names of the trainable parameters, AdamW's usual split (BERT, open_clip):
+    no decay on 1-D parameters (norm weights, biases, the ViT's class embedding), on the CLIP logit
+    scale (a scalar) and on embeddings (nn.Embedding tables, the latent-attention latents): pulling
+    them toward zero only distorts them. The other matrices decay, LoRA's A and B among them: shrinking
+    both shrinks the update B·A toward zero, i.e. the adapted weight toward the pretrained one, which is
+    what decay means for an adapter (Hugging Face's Trainer decays them too)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            keep = p.ndim < 2 or id(p) in embeddings or n.split(".")[-1] in ("latents", "logit_scale")
+            (no_decay if keep else decay).append(n)
+    return decay, no_decay
+
+
+def stage_key(cfg: Config, stage: "StageConfig") -> str:
+    """The config key of a stage's settings."""
+    keys = (("text.mntp", cfg.text.mntp), ("text.contrastive", cfg.text.contrastive), ("clip.optim", cfg.clip.optim))
+    return next((k for k, s in keys if s is stage), "stage")
+
+
+def resume_config(cfg: Config, stage: "StageConfig") -> dict:
+    """What a checkpoint must agree with to be resumed, as flat keys: the seed (the data order), what
+    shapes the trainable parameters (the model and its adapters; for CLIP, the towers) and the stage's
+    schedule. Its lr may differ: lowering it is how a diverged run goes on from its last good checkpoint."""
+    key = stage_key(cfg, stage)
+    if key == "clip.optim":
+        shape = {f"clip.{k}": getattr(cfg.clip, k) for k in ("text_encoder", "text_mode", "lora_r", "lora_alpha",
+                                                            "lora_dropout", "vision", "channels", "embed_dim")}
+        shape["data.image_size"] = cfg.data.image_size
+    else:
+        shape = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()}
+        shape |= {f"text.{k}": getattr(cfg.text, k) for k in ("init", "lora", "lora_r", "lora_alpha", "lora_dropout")}
+    return {"seed": cfg.seed} | shape | {f"{key}.{k}": v for k, v in dataclasses.asdict(stage).items() if k != "lr"}
+
+
+def check_resume_config(path: str, saved: dict, now: dict):
+    absent = "(absent)"
+    diff = [f"  {k}: {saved.get(k, absent)!r} in the checkpoint, {now.get(k, absent)!r} now"
+            for k in sorted(set(saved) | set(now)) if saved.get(k, absent) != now.get(k, absent)]
+    if diff:
+        raise ValueError(f"cannot resume from {path}: it was written with another config:\n" + "\n".join(diff) +
+                         "\nResume with the checkpoint's values, or start this stage over with train.resume=none.")
+
+
+def truncate_log(path: str, step: int):
+    """Keep the log records of steps up to `step`: a resumed run logs the steps after its checkpoint
+    again, and a fresh start (step 0) begins an empty log."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line.rstrip("\n") + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass  # a line cut short by a kill
+    write_text(path, "".join(kept))
+
+
 def train_loop(name, model, loss_fn, batches, stage: "StageConfig", cfg: Config, env: Env, run_dir: str,
                after_step=None, evaluate=None, eval_every=0):
     """Train `model`'s trainable parameters for `stage.steps` optimizer steps.
@@ -357,13 +554,23 @@ def train_loop(name, model, loss_fn, batches, stage: "StageConfig", cfg: Config,
     `after_step(model)` runs after every optimizer step; `evaluate(model, step)` every `eval_every`
     steps and after the last one, on every rank, before that step's checkpoint (it must not draw
     from the global RNG, or a resumed run would differ).
-    Checkpoints (trainable weights, optimizer, scaler, RNG, step) are written atomically to
-    `run_dir/ckpt.pt`; a non-finite loss or gradient stops the run before the update, so the last
-    checkpoint stays good. Returns the list of logged records.
+    `run_dir` is locked for the life of the process (lock_folder). Checkpoints (trainable weights,
+    optimizer, scaler, every rank's RNG, step, and the config they resume with) go to `run_dir/ckpt.pt`,
+    atomically, and only once their weights are known good: the checkpoint of step k is written in
+    step k+1, once that step's loss and gradient, computed from exactly those weights, are finite, and
+    before its update (the last step's after a check that the weights are finite). A non-finite loss
+    or gradient, or an overflowing update, stops the run naming the last good checkpoint; a gradient
+    norm of exactly 0 for 5 steps in a row (a collapsed run) is warned about. Returns the logged records.
     """
     os.makedirs(run_dir, exist_ok=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.999))
+    if env.is_main:
+        lock_folder(run_dir)
+    decay, no_decay = weight_decay_groups(model)
+    named = dict(model.named_parameters())
+    groups = [dict(params=[named[n] for n in names], weight_decay=wd)
+              for names, wd in ((decay, stage.weight_decay), (no_decay, 0.0)) if names]
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
     net = model
     if env.world_size > 1:
@@ -371,16 +578,34 @@ def train_loop(name, model, loss_fn, batches, stage: "StageConfig", cfg: Config,
     if cfg.train.compile:
         net = torch.compile(net)
     ckpt_path, log_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")
-    start = 0
+    if cfg.train.resume not in ("auto", "none"):
+        raise ValueError(f"train.resume must be auto or none, got {cfg.train.resume!r}")
+    config, key = resume_config(cfg, stage), stage_key(cfg, stage)
+    start = saved = 0  # saved: the step of the good checkpoint on disk (0: none)
     if cfg.train.resume == "auto" and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=env.device, weights_only=False)
+        ck = load_checkpoint(ckpt_path)
+        check_resume_config(ckpt_path, ck.get("config", {}), config)
         model.load_state_dict(ck["model"], strict=False)
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        set_rng_state(ck["rng"])
-        start = ck["step"]
-    elif cfg.train.resume not in ("auto", "none"):
-        raise ValueError(f"train.resume must be auto or none, got {cfg.train.resume!r}")
+        start = saved = ck["step"]
+        if len(ck["rng"]) == env.world_size:
+            set_rng_state(ck["rng"][env.rank])  # each rank goes on with its own random stream
+        else:
+            if env.is_main:
+                print(f"{ckpt_path} was written by {len(ck['rng'])} processes, this run has {env.world_size}: "
+                      "the random streams (dropout) start afresh")
+            seed_all(cfg.seed + env.rank)
+    else:
+        if env.is_main and os.path.exists(ckpt_path):
+            os.remove(ckpt_path)  # train.resume=none: starting over, so a later resume must not pick the old run up
+        # a random stream per rank: the rows of a global batch get different dropout masks on every
+        # rank, as they do in one process holding the whole batch. Rank 0 goes on with the stream that
+        # setup() seeded (so one process runs as it always did); rank r > 0 starts one seeded seed + r.
+        if env.rank > 0:
+            seed_all(cfg.seed + env.rank)
+    if env.is_main:
+        truncate_log(log_path, start)
     A = stage.grad_accum
     # batches are a function of their index; the loader gets its own generator so that it never
     # draws from the global RNG, which must continue exactly as it was saved (dropout)
@@ -392,6 +617,22 @@ def train_loop(name, model, loss_fn, batches, stage: "StageConfig", cfg: Config,
     from tqdm import tqdm
     bar = tqdm(range(start, stage.steps), desc=name, disable=not env.is_main, initial=start, total=stage.steps)
     t0, tokens = time.perf_counter(), 0
+    pending, zero_norms = None, 0  # pending: (step, every rank's RNG) of a checkpoint not yet vouched for
+
+    def failure(what):
+        last = f"last good checkpoint: {ckpt_path} (step {saved})" if saved else "no checkpoint was written"
+        return NonFiniteLoss(f"{name}: {what}; {last}. Lower {key}.lr (it may change on resume) and resume, "
+                             f"or start over with train.resume=none")
+
+    def write_pending():
+        nonlocal saved, pending
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise failure(f"non-finite weights after step {pending[0]}")
+        if env.is_main:
+            save_checkpoint(ckpt_path, dict(model=trainable_state(model), optimizer=opt.state_dict(), config=config,
+                                            scaler=scaler.state_dict(), rng=pending[1], step=pending[0]))
+        saved, pending = pending[0], None
+
     model.train()
     for step in bar:
         lr = lr_at(step, stage)
@@ -409,28 +650,41 @@ def train_loop(name, model, loss_fn, batches, stage: "StageConfig", cfg: Config,
             tokens += n
         total = all_mean(total, env)
         scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
-        if not np.isfinite(total) or (not torch.isfinite(norm) and env.precision != "fp16"):
-            raise NonFiniteLoss(f"{name}: non-finite {'loss' if not np.isfinite(total) else 'gradient'} at step "
-                                f"{step + 1} (loss {total}); stopped before the update, last good checkpoint: {ckpt_path}")
-        scaler.step(opt)  # under fp16 the scaler skips steps with inf gradients and lowers the scale
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not np.isfinite(total) or (not np.isfinite(norm) and env.precision != "fp16"):
+            raise failure(f"non-finite {'loss' if not np.isfinite(total) else 'gradient'} at step {step + 1} "
+                          f"(loss {total}), stopped before the update")
+        if pending is not None:  # its weights just gave a finite loss and gradient: a good checkpoint
+            write_pending()
+        try:
+            scaler.step(opt)  # under fp16 the scaler skips steps with inf gradients and lowers the scale
+        except RuntimeError as e:  # AdamW's step size lr / (1 - beta1^t) beyond the float range
+            if "overflow" not in str(e):
+                raise
+            raise failure(f"the update overflowed at step {step + 1} ({e}): lr {lr:.3g} is far too high") from e
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        zero_norms = zero_norms + 1 if norm == 0 else 0
+        if zero_norms == 5 and env.is_main:
+            tqdm.write(f"warning: {name}: the gradient norm was exactly 0 in steps {step - 3}-{step + 1} (loss "
+                       f"{total:.4f}): the run has collapsed and will not learn; {key}.lr={stage.lr:g} too high?")
         if after_step is not None:
             after_step(model)
         if evaluate is not None and eval_every > 0 and ((step + 1) % eval_every == 0 or step + 1 == stage.steps):
             evaluate(model, step + 1)
             model.train()
         if env.is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == stage.steps):
-            rec = dict(stage=name, step=step + 1, loss=total, lr=lr, grad_norm=float(norm),
+            rec = dict(stage=name, step=step + 1, loss=total, lr=lr, grad_norm=norm,
                        tokens_per_s=tokens / (time.perf_counter() - t0))
             records.append(rec)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if env.is_main and ((step + 1) % cfg.train.ckpt_every == 0 or step + 1 == stage.steps):
-            save_checkpoint(ckpt_path, dict(model=trainable_state(model), optimizer=opt.state_dict(),
-                                            scaler=scaler.state_dict(), rng=rng_state(), step=step + 1))
+        if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == stage.steps:
+            pending = (step + 1, all_gather(rng_state(), env))
+            if step + 1 == stage.steps:  # no next step will vouch for the last weights
+                write_pending()
     if log is not None:
         log.close()
     model.eval()

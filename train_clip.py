@@ -7,8 +7,9 @@
     torchrun --nproc_per_node=2 train_clip.py configs/small.yaml
 
 1. Text tower: the stage-1 encoder (`clip.text_encoder: trained`, read from out_dir/text, or the path
-   of another run's text/ folder) or the untrained LLM with mean pooling (`raw`: the paper's
-   baseline), used in one of two ways:
+   of another run's text/ folder) or the untrained LLM with mean pooling, run causally (`raw`: the
+   paper's baseline) or without the causal mask (`raw_bidirectional`), as in evaluate.py; used in one
+   of two ways:
    - `frozen` (LLM2CLIP's cheap variant): every report is embedded once by the frozen encoder and
      kept in a cache (encoders.embedding_cache) keyed by the encoder's files; only an adapter MLP reads
      the embeddings. A step then costs a ViT pass, not an LLM pass: this makes CPU training practical.
@@ -52,11 +53,11 @@ import evaluate
 import losses
 import model as M
 import synthetic
-from encoders import (embedding_cache, frozen_embedder, make_text_fn, pad_id, standardized, text_dir_of, text_source,
-                      tokenized_text)
+from encoders import (RAW_ENCODERS, embedding_cache, frozen_embedder, make_text_fn, pad_id, standardized, text_dir_of,
+                      text_source, tokenized_text)
 from results import plot_losses, results_table, write_results
 from runtime import (EndlessBatches, all_mean, atomic_write, load_config, rank0_first, save_config, setup,
-                     trainable_state, train_loop)
+                     trainable_state, train_loop, write_text)
 from weights import load_clip_vision
 
 # openai CLIP's normalisation, for its checkpoints; a gray image takes the channel average (weights.load_clip_vision)
@@ -141,8 +142,8 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     if env.is_main:
         save_config(cfg, os.path.join(out, "config.yaml"))
-    kind = "raw" if c.text_encoder == "raw" else "trained"
-    text_dir = None if kind == "raw" else text_dir_of(c.text_encoder, cfg)
+    kind = c.text_encoder if c.text_encoder in RAW_ENCODERS else "trained"
+    text_dir = None if kind in RAW_ENCODERS else text_dir_of(c.text_encoder, cfg)
     mcfg, encoder_id, load_encoder = text_source(kind, text_dir, cfg.model, cfg.seed)
     mean, std = image_normalisation(c)
     train_set, train_texts, evals = rank0_first(env, lambda: load_studies(cfg, mean, std, cache_dir))
@@ -219,7 +220,7 @@ def main(argv):
                     lora=dict(lora_r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout),
                     vision=dataclasses.asdict(model.vision_model.config), precision=env.precision,
                     image=dict(size=cfg.data.image_size, channels=c.channels, mean=mean, std=std))
-        atomic_write(os.path.join(out, "clip.json"), lambda p: open(p, "w").write(json.dumps(spec, indent=2)))
+        write_text(os.path.join(out, "clip.json"), json.dumps(spec, indent=2))
         val = last_val or evaluate.evaluate_split(model, text_fn, *evals["val"], env.precision)  # a finished run, resumed
         test = evaluate.evaluate_split(model, text_fn, *evals["test"], env.precision)
         results = {f"val/{s}": r for s, r in val.items()} | {f"test/{s}": r for s, r in test.items()}

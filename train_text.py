@@ -13,8 +13,9 @@
    with a fresh LoRA and the pooler trained.
 `text.init=runs/x/text` starts from an earlier run's encoder instead of the raw LLM (one MNTP run
 feeding several contrastive ablations, as configs/ablations.py does).
-Each stage ends with a short held-out evaluation (acronym retrieval, error discrimination). The
-encoder is written to `out_dir/text/encoder.json` (base model + adapters, in order), which
+Each stage ends with a short held-out evaluation (acronym and paraphrase retrieval, error
+discrimination; beside TF-IDF's scores, written to out_dir/text/eval.json). The
+encoder is written to `out_dir/text/encoder.json` (base model or init run + adapters, in order), which
 train_clip.py and evaluate.py load with `encoders.load_text_encoder`.
 """
 import dataclasses
@@ -30,38 +31,47 @@ import model as M
 from cases import build_text_cases
 from encoders import build_llm, load_text_encoder, make_embed, pad_id, save_stage
 from results import plot_losses
-from runtime import EndlessBatches, load_config, save_config, setup, train_loop
+from runtime import EndlessBatches, load_config, save_config, setup, train_loop, write_text
 
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
 
-def held_out_eval(encoder, tokenizer, reports, cfg, env):
-    """Acronym retrieval and error discrimination on held-out reports (evaluate.py's tasks)."""
+def held_out_eval(embed, reports, cfg):
+    """Acronym and paraphrase retrieval and error discrimination on held-out reports (evaluate.py's
+    tasks and cases) for embed(texts) -> (N, d): the encoder's,
+    or the TF-IDF baseline's."""
     cases = build_text_cases(reports[:cfg.text.eval_reports], random.Random(cfg.seed))
     metric = {"acronym": "R@1", "paraphrase": "R@1", "error": "top1_accuracy"}
-    res = evaluate.evaluate_text_tasks(make_embed(encoder, tokenizer, cfg.model, env.precision),
-                                       {k: v for k, v in cases.items() if k in metric})
+    res = evaluate.evaluate_text_tasks(embed, {k: v for k, v in cases.items() if k in metric})
     return {f"{task}_{metric[task]}": res[task][metric[task]] for task in metric if task in res}
 
 
 def start_from(cfg, out, device):
-    """(llm, tokenizer, stages already in it) to train on: the configured LLM, or with `text.init`
-    the LLM of an earlier run's encoder, its stages merged (so one MNTP run can feed several
-    contrastive ablations). Its stages are listed first in our encoder.json, by relative path;
-    its pooler is not carried over (this run's model.pooling decides)."""
+    """(llm, tokenizer, init) to train on: the configured LLM, or with `text.init` the LLM of an
+    earlier run's encoder, its stages merged (so one MNTP run can feed several contrastive
+    ablations). init: that run's folder relative to ours, for our encoder.json's "init" entry, which
+    encoders.load_text_encoder follows first (our stage entries stay inside our folder); its pooler
+    is not carried over (this run's model.pooling decides)."""
     if not cfg.text.init:
-        return *build_llm(cfg.model, cfg.seed, device), []
+        return *build_llm(cfg.model, cfg.seed, device), None
     encoder, tokenizer, base = load_text_encoder(cfg.text.init, device)
     for key in ("path", "random_init"):
         if getattr(base, key) != getattr(cfg.model, key):
             raise ValueError(f"text.init {cfg.text.init!r} was trained from model.{key}={getattr(base, key)!r}, "
                              f"this config has {getattr(cfg.model, key)!r}")
-    with open(os.path.join(cfg.text.init, "encoder.json")) as f:
-        stages = json.load(f)["stages"]
-    relative = lambda d: os.path.relpath(os.path.join(cfg.text.init, d), out)
-    stages = [{k: v for k, v in s.items() if k != "pooler"} | {"dir": relative(s["dir"])} for s in stages]
-    return encoder.llm, tokenizer, stages
+    return encoder.llm, tokenizer, os.path.relpath(cfg.text.init, out)
+
+
+def contrastive_loss(embeddings, batch, temperature):
+    """SupCon (losses.supcon_loss) over the global batch of all processes. The group ids are made
+    from every process's rows at once: each row's keys (hashes of its normalised text and of its
+    source report, data.group_keys) are gathered like the embeddings, in the same rank-major order,
+    and merged there. So identical texts on two ranks are positives, unrelated reports never share
+    an id, and N processes with batch b give the loss and gradients of one process with batch N·b."""
+    keys, offset = losses.gather_features(batch["group_keys"])              # (M, 2), every rank's rows
+    groups = data.groups_from_keys(keys.cpu()).to(keys.device)[offset:offset + len(embeddings)]
+    return losses.supcon_loss(embeddings.float(), groups, temperature, batch["is_hard_negative"])
 
 
 def check_config(cfg, llm):
@@ -74,6 +84,13 @@ def check_config(cfg, llm):
                          f"text.variants_per_report ({t.variants_per_report}, at least 2)")
     if cfg.model.max_len > llm.config.max_position_embeddings:
         raise ValueError(f"model.max_len {cfg.model.max_len} exceeds the model's limit {llm.config.max_position_embeddings}")
+    low = sorted({str(p.dtype) for p in llm.parameters() if p.dtype.itemsize < 4})
+    if not t.lora and low:  # LoRA keeps fp32 adapters (model.LoRALinear); full fine-tuning would not
+        raise ValueError(f"text.lora=false trains the LLM's own weights, which are {', '.join(low)} here "
+                         f"(model.dtype={cfg.model.dtype}{', or text.init' if t.init else ''}): AdamW would update "
+                         "them in place, and steps below bf16's resolution (1/256 of a weight) would be lost. "
+                         "Set model.dtype=float32 for full fine-tuning (train.precision=bf16 still computes in "
+                         "bf16), or keep text.lora=true")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,12 +105,19 @@ def main(argv):
     if env.is_main:
         save_config(cfg, os.path.join(out, "config.yaml"))
     reports = data.load_reports(cfg)
-    llm, tokenizer, adapters = start_from(cfg, out, env.device)
+    llm, tokenizer, init = start_from(cfg, out, env.device)
+    adapters = []
     check_config(cfg, llm)
     llm.gradient_checkpointing = cfg.train.grad_checkpointing
     t = cfg.text
     encoder = M.TextEncoder(llm, cfg.model.pooling, cfg.model.num_latents).to(env.device)
-    results = {"before": held_out_eval(encoder, tokenizer, reports["val"], cfg, env)} if env.is_main else {}
+    embed = lambda: make_embed(encoder, tokenizer, cfg.model, env.precision)
+    if env.is_main:  # the val reports that occur in training are dropped (data.load_reports)
+        tfidf = evaluate.tfidf_embed([r.text() for r in reports["train"]])
+        results = {"overlap": reports["overlap"], "baseline: TF-IDF": held_out_eval(tfidf, reports["val"], cfg),
+                   "before": held_out_eval(embed(), reports["val"], cfg)}
+    else:
+        results = {}
 
     for stage in t.stages:
         run_dir = os.path.join(out, stage)
@@ -122,26 +146,22 @@ def main(argv):
 
             def loss_fn(net, b):
                 e = net(b["input_ids"], b["attention_mask"], b["embed_mask"])      # (N, d)
-                # ids count from 0 in every batch: offset them per rank so that gathered groups from
-                # different ranks never merge (identical texts on two ranks then count as negatives)
-                groups = b["group_ids"] + env.rank * len(b["group_ids"])
-                loss = losses.supcon_loss(e.float(), groups, t.temperature, b["is_hard_negative"])
-                return loss, int(b["attention_mask"].sum())
+                return contrastive_loss(e, b, t.temperature), int(b["attention_mask"].sum())
             train_loop("contrastive", encoder, loss_fn, EndlessBatches(batches, env), t.contrastive, cfg, env, run_dir)
         if env.is_main:
             adapters.append(save_stage(encoder, run_dir, t.lora))
-            results[stage] = held_out_eval(encoder, tokenizer, reports["val"], cfg, env)
-            print(f"{stage}: held-out {results[stage]} (before training: {results['before']})")
+            results[stage] = held_out_eval(embed(), reports["val"], cfg)
+            print(f"{stage}: held-out {results[stage]} (before training: {results['before']}; "
+                  f"TF-IDF: {results['baseline: TF-IDF']})")
         if t.lora:
             M.merge_lora(llm)  # LLM2Vec: merge, then the next stage trains a fresh adapter
         llm.requires_grad_(False)
 
     if env.is_main:
-        spec = dict(model=dataclasses.asdict(cfg.model), seed=cfg.seed, stages=adapters)
-        with open(os.path.join(out, "encoder.json"), "w") as f:
-            json.dump(spec, f, indent=2)
-        with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        spec = dict(model=dataclasses.asdict(cfg.model), seed=cfg.seed, **({"init": init} if init else {}),
+                    stages=adapters)
+        write_text(os.path.join(out, "encoder.json"), json.dumps(spec, indent=2))
+        write_text(os.path.join(out, "eval.json"), json.dumps(results, indent=2))
         plot_losses({s: os.path.join(out, s, "log.jsonl") for s in t.stages}, os.path.join(out, "loss.png"))
     return encoder, tokenizer, results
 

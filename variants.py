@@ -179,3 +179,21 @@ def inject_error(text: str, kind: str, rng: random.Random) -> str | None:
         if view(edited) != before:
             return edited
     return None
+
+
+def error_impressions(impression: str, rng, n: int = 3):
+    """n copies of an impression with one injected error each, of different kinds where enough kinds
+    apply: the wrong candidates of the error-discrimination task. (wrong texts, their kinds) or None."""
+    rng = _as_random(rng)
+    kinds = list(ERROR_KINDS)
+    rng.shuffle(kinds)
+    seen, wrong, used = {normalize_for_match(impression)}, [], []
+    for kind in kinds + kinds:  # the second pass repeats kinds when fewer than n apply
+        text = inject_error(impression, kind, rng)
+        if text and normalize_for_match(text) not in seen:
+            seen.add(normalize_for_match(text))
+            wrong.append(text)
+            used.append(kind)
+            if len(wrong) == n:
+                return wrong, used
+    return None

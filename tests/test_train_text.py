@@ -34,7 +34,7 @@ def test_tiny_end_to_end(tmp_path):
         assert os.path.exists(tmp_path / "text" / stage / "adapter" / "adapter_model.safetensors")
     for name in ("encoder.json", "eval.json", "loss.png", "config.yaml"):
         assert os.path.exists(tmp_path / "text" / name), name
-    assert set(results) == {"before", "mntp", "contrastive"}
+    assert set(results) == {"overlap", "baseline: TF-IDF", "before", "mntp", "contrastive"}
 
     reloaded, tok2, _ = load_text_encoder(str(tmp_path / "text"))
     texts = ["FINDINGS: Small left pleural effusion. IMPRESSION: Small left effusion.", "No acute disease."]
@@ -96,6 +96,16 @@ def test_bad_configs_fail_before_work(tmp_path):
         run(tmp_path, "text.stages=[mlm]")
 
 
+def test_full_fine_tuning_in_bf16_is_refused(tmp_path):
+    """text.lora=false over bf16 weights would let AdamW update bf16 weights in place (steps below
+    1/256 of a weight vanish): refused, naming both keys and the fix, before any training."""
+    with pytest.raises(ValueError, match=r"text.lora=false .*model.dtype=bfloat16.* Set model.dtype=float32"):
+        run(tmp_path, "text.lora=false", "model.dtype=bfloat16", "text.eval_reports=0")
+    assert not os.path.exists(tmp_path / "text" / "mntp" / "log.jsonl")
+    w = torch.ones(1000, dtype=torch.bfloat16)  # why: a typical step of lr 2e-4 on weights near 1 is lost
+    assert torch.equal(w - 2e-4, w)
+
+
 def test_small_config_smoke(tmp_path):
     """configs/small.yaml with a step limit: real SmolLM2 weights, real Open-I reports."""
     small = os.path.join(ROOT, "configs", "small.yaml")
@@ -108,16 +118,17 @@ def test_small_config_smoke(tmp_path):
 
 
 def test_init_from_an_earlier_run(tmp_path):
-    """text.init: a contrastive run on top of another run's MNTP. Its encoder.json lists the MNTP stage
-    first (by relative path), so the saved encoder reloads to the embeddings of the one in memory,
-    which had the MNTP adapter merged in; a different base model is refused."""
+    """text.init: a contrastive run on top of another run's MNTP. Its encoder.json names that run in
+    "init" and lists only its own stage, inside its own folder; the saved encoder reloads to the
+    embeddings of the one in memory, which had the MNTP adapter merged in; a different base model is
+    refused."""
     short = ["text.mntp.steps=3", "text.contrastive.steps=3", "text.eval_reports=0"]
     run(tmp_path / "a", *short, "text.stages=[mntp]")
     encoder, tokenizer, _ = run(tmp_path / "b", *short, "text.stages=[contrastive]", f"text.init={tmp_path / 'a' / 'text'}",
                                 "model.pooling=latent_attention")
     spec = json.load(open(tmp_path / "b" / "text" / "encoder.json"))
-    assert [os.path.normpath(tmp_path / "b" / "text" / s["dir"]) for s in spec["stages"]] == \
-        [str(tmp_path / "a" / "text" / "mntp"), str(tmp_path / "b" / "text" / "contrastive")]
+    assert os.path.normpath(tmp_path / "b" / "text" / spec["init"]) == str(tmp_path / "a" / "text")
+    assert [s["dir"] for s in spec["stages"]] == ["contrastive"]
     reloaded, _, mcfg = load_text_encoder(str(tmp_path / "b" / "text"))
     assert mcfg.pooling == "latent_attention"
     b = data.encode_batch(tokenizer, ["Small left pleural effusion.", "No acute disease."], 64,
@@ -132,3 +143,27 @@ def test_init_from_an_earlier_run(tmp_path):
     with pytest.raises(ValueError, match="model.random_init"):
         run(tmp_path / "c", *short, "text.stages=[contrastive]", f"text.init={tmp_path / 'a' / 'text'}",
             "model.random_init.hidden_size=32")
+
+
+def test_stage_paths_in_encoder_json_stay_inside_the_run(tmp_path):
+    """A stage entry of encoder.json that is absolute or climbs out of the run's folder is refused by
+    load_text_encoder and by train_clip's text_source, naming encoder.json and the entry, even when
+    the folder it points at holds a valid adapter."""
+    import encoders
+    run(tmp_path / "a", "text.mntp.steps=2", "text.eval_reports=0", "text.stages=[mntp]")
+    spec = json.load(open(tmp_path / "a" / "text" / "encoder.json"))
+    mntp = str(tmp_path / "a" / "text" / "mntp")
+    for name in ("dir-absolute", "dir-climbs", "adapter-absolute", "adapter-climbs"):
+        folder = tmp_path / name / "run" / "text"
+        folder.mkdir(parents=True)
+        stage = {"dir-absolute": {"dir": mntp, "adapter": "adapter"},
+                 "dir-climbs": {"dir": os.path.relpath(mntp, folder), "adapter": "adapter"},  # ../../../a/text/mntp
+                 "adapter-absolute": {"dir": "mntp", "adapter": os.path.join(mntp, "adapter")},
+                 "adapter-climbs": {"dir": "mntp", "adapter": os.path.relpath(mntp, folder / "mntp") + "/adapter"}}[name]
+        json.dump(spec | {"stages": [stage]}, open(folder / "encoder.json", "w"))
+        key = name.split("-")[0]
+        for load in (lambda: load_text_encoder(str(folder)),
+                     lambda: encoders.text_source("trained", str(folder), spec["model"], 0)):
+            with pytest.raises(ValueError, match=rf"encoder.json: stages\[0\]\.{key} = .* not a path inside"):
+                load()
+    load_text_encoder(str(tmp_path / "a" / "text"))  # the run itself loads
