@@ -6,16 +6,14 @@ import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import data
+import gloo
 import encoders
 import losses
 import model as M
@@ -94,11 +92,6 @@ def logged(run_dir):
         return [json.loads(line) for line in f]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # ---- 4. weight decay ----
 
@@ -157,21 +150,15 @@ def test_weight_decay_groups_hold_the_expected_names(tmp_path):
 
 # ---- 5. a random stream per rank, saved and restored per rank ----
 
-def _rng_worker(rank, world, port, run_dir, crash_before, result):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        env = runtime.Env(torch.device("cpu"), rank, world)
-        model = run_toy(run_dir, toy_config(run_dir), env, crash_before)
-        torch.save(dict(masks=model.masks, weights=model.state_dict()), f"{result}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _rng_worker(rank, world, run_dir, crash_before, result):
+    env = runtime.Env(torch.device("cpu"), rank, world)
+    model = run_toy(run_dir, toy_config(run_dir), env, crash_before)
+    torch.save(dict(masks=model.masks, weights=model.state_dict()), f"{result}.{rank}")
 
 
 def test_two_processes_draw_their_own_dropout_and_resume_exactly(tmp_path):
     def spawn(run_dir, crash_before, name):
-        mp.spawn(_rng_worker, args=(2, free_port(), str(run_dir), crash_before, str(tmp_path / name)), nprocs=2)
+        gloo.spawn(_rng_worker, 2, str(run_dir), crash_before, str(tmp_path / name))
         return [torch.load(tmp_path / f"{name}.{r}") for r in range(2)]
     straight = spawn(tmp_path / "straight", None, "straight")
     # the ranks' masks differ (they would for the rows of one process's batch too)

@@ -1,17 +1,15 @@
 """Tests for losses.py: each loss against a naive loop reference, gradcheck, fp32 under autocast,
 extreme temperatures, and 2 gloo processes against one process holding the whole batch."""
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import gloo
 from losses import clip_loss, mntp_loss, supcon_loss
 
 
@@ -302,24 +300,15 @@ def losses_and_grads(rank, world):
     return results
 
 
-def _worker(rank, world, port, out):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = losses_and_grads(rank, world)
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, out):
+    results = losses_and_grads(rank, world)
+    if rank == 0:
+        torch.save(results, out)
 
 
 def test_two_processes_equal_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    gloo.spawn(_worker, 2, str(out))
     two, one = torch.load(out), losses_and_grads(0, 1)
     for name in one:
         for got, expected in zip(two[name], one[name]):
@@ -373,16 +362,10 @@ def contrastive_losses_and_grads(rank, world):
     return results
 
 
-def _contrastive_worker(rank, world, port, out):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = contrastive_losses_and_grads(rank, world)
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
+def _contrastive_worker(rank, world, out):
+    results = contrastive_losses_and_grads(rank, world)
+    if rank == 0:
+        torch.save(results, out)
 
 
 def old_offset_loss(rows, split):
@@ -406,11 +389,8 @@ def test_contrastive_groups_two_processes_equal_one_process(tmp_path):
         expected = {"same_text_on_two_ranks": [0, 0, 1, 1, 0, 0, 2, 2],
                     "offset_collision": [0, 0, 1, 2, 2, 3, 4, 4]}[name]
         assert ids == expected, name
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "rank0.pt"
-    mp.spawn(_contrastive_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    gloo.spawn(_contrastive_worker, 2, str(out))
     two, one = torch.load(out), contrastive_losses_and_grads(0, 1)
     for name in one:
         old = old_offset_loss(*CONTRASTIVE_CASES[name]).item()

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
+import gloo
 import evaluate
 import losses
 import model as M
@@ -126,11 +126,6 @@ def test_tiny_lora_fits_and_reloads(stage1, tmp_path):
     assert_same_retrieval(reloaded_retrieval(out, 32), results["test/mimic"])
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_processes_equal_one_with_the_same_global_batch(stage1, tmp_path):
     """torchrun --nproc_per_node=2 with batch b per rank == 1 process with batch 2b: the same batches
@@ -146,7 +141,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(stage1, tmp_path):
     run(one, *args, "clip.optim.batch_size=16")
     two = fresh(stage1, tmp_path / "two", cache_from=one)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={gloo.free_port()}",
                     os.path.join(ROOT, "train_clip.py"), TINY, f"out_dir={two}", *args, "clip.optim.batch_size=8"],
                    check=True, cwd=ROOT, env=env, timeout=300)
     a, b = logged(one), logged(two)
