@@ -20,6 +20,7 @@ import json
 import os
 
 import torch
+from tqdm import tqdm
 
 import data
 import model as M
@@ -156,6 +157,23 @@ def embed_texts(encoder, tokenizer, texts, mcfg: ModelConfig, batch_size=32, pre
 def make_embed(encoder, tokenizer, mcfg: ModelConfig, precision="fp32", batch_size=32):
     """embed(texts) -> (N, d): embed_texts with everything but the texts fixed."""
     return functools.partial(embed_texts, encoder, tokenizer, mcfg=mcfg, batch_size=batch_size, precision=precision)
+
+
+def embed_each_once(embed, name, batch_size):
+    """embed(texts) that encodes each distinct text once, shortest first so that a batch holds
+    texts of similar length (little padding), with a tqdm bar. The tasks share many texts: the
+    findings of summarisation and error discrimination, the true impressions of both."""
+    cache = {}
+
+    def cached(texts):
+        new = sorted({t for t in texts if t not in cache}, key=lambda t: (len(t), t))
+        with tqdm(total=len(new), desc=f"embedding ({name})", unit="text", disable=not new) as bar:
+            for i in range(0, len(new), batch_size):
+                batch = new[i:i + batch_size]
+                cache.update(zip(batch, embed(batch)))
+                bar.update(len(batch))
+        return torch.stack([cache[t] for t in texts])
+    return cached
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +45,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import model
 from cases import CASE_KEYS, build_text_cases, read_cases_jsonl, write_cases_jsonl
-from encoders import build_llm, load_clip_model, load_text_encoder, make_embed, text_dir_of
+from encoders import RAW_ENCODERS, embed_each_once, load_clip_model, make_embed, text_dir_of, text_source
 from reports import label_report, normalize_for_match
-from results import cell, contact_sheet, results_table, retrieval_html, slug
+from phrasings import ZERO_SHOT_PROMPTS
+from results import contact_sheet, eval_markdown, retrieval_html, slug
 from runtime import Env, atomic_write, load_config, setup, write_text
 from synthetic import SyntheticStudies
 
@@ -189,27 +189,6 @@ def bootstrap_ci(fn, *arrays, n=1000, seed=0, alpha=0.05):
         return float("nan"), float("nan")
     low, high = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(low), float(high)
-
-
-# The 14 CheXpert observations, each with a (positive, negative) prompt worded like a report
-# sentence, since the text encoder was trained on reports rather than on "a photo of" captions.
-ZERO_SHOT_PROMPTS = {
-    "No Finding": ("No acute cardiopulmonary abnormality.", "There are acute abnormal findings."),
-    "Enlarged Cardiomediastinum": ("The cardiomediastinal silhouette is enlarged.",
-                                   "The cardiomediastinal silhouette is normal."),
-    "Cardiomegaly": ("The heart is enlarged.", "The heart size is normal."),
-    "Lung Opacity": ("There is an opacity in the lung.", "The lungs are clear."),
-    "Lung Lesion": ("There is a lung nodule or mass.", "There is no lung nodule or mass."),
-    "Edema": ("There is pulmonary edema.", "There is no pulmonary edema."),
-    "Consolidation": ("There is focal consolidation.", "There is no focal consolidation."),
-    "Pneumonia": ("Findings are concerning for pneumonia.", "There is no evidence of pneumonia."),
-    "Atelectasis": ("There is atelectasis.", "There is no atelectasis."),
-    "Pneumothorax": ("There is a pneumothorax.", "There is no pneumothorax."),
-    "Pleural Effusion": ("There is a pleural effusion.", "There is no pleural effusion."),
-    "Pleural Other": ("There is pleural thickening.", "There is no pleural abnormality."),
-    "Fracture": ("There is a rib fracture.", "There is no acute fracture."),
-    "Support Devices": ("Support lines and tubes are in place.", "There are no lines or tubes."),
-}
 
 
 def zero_shot_classify(image_emb, pos_text_emb, neg_text_emb, labels,
@@ -488,13 +467,6 @@ def evaluate_split(model, text_fn, dataset, texts_by_style, precision, batch_siz
 # and pictures of what was retrieved: retrieval.html (self-contained) and a PNG contact sheet per model.
 
 
-RAW_MODELS = ("raw", "raw_bidirectional")
-HEADLINE = {"acronym R@1": ("acronym", "R@1"), "acronym R@5": ("acronym", "R@5"),
-            "paraphrase R@1": ("paraphrase", "R@1"), "paraphrase R@5": ("paraphrase", "R@5"),
-            "summarisation R@1": ("summarisation", "R@1"), "summarisation R@5": ("summarisation", "R@5"),
-            "summarisation label R@1": ("summarisation_label", "R@1"),
-            "error top1_accuracy": ("error", "top1_accuracy"),
-            "clinical label_f1": ("clinical", "label_f1")}
 MERGE_NOTES = {  # eval.merge: which reports count as a hit in image <-> report retrieval
     "text": "identical normalised reports are one gallery entry, a hit for every image whose report "
             "it is (report_keys)",
@@ -507,9 +479,9 @@ def check_eval_config(cfg):
     e = cfg.eval
     for name in e.models:
         path = text_dir_of(name, cfg)
-        if name not in RAW_MODELS and not os.path.exists(os.path.join(path, "encoder.json")):
+        if name not in RAW_ENCODERS and not os.path.exists(os.path.join(path, "encoder.json")):
             hint = "run train_text.py with this config first" if name == "trained" else \
-                f"not one of {', '.join(RAW_MODELS)}, trained, or a folder with encoder.json"
+                f"not one of {', '.join(RAW_ENCODERS)}, trained, or a folder with encoder.json"
             raise FileNotFoundError(f"eval.models entry {name!r}: {os.path.join(path, 'encoder.json')!r} "
                                     f"not found ({hint})")
     for task, path in e.cases.items():
@@ -519,34 +491,6 @@ def check_eval_config(cfg):
             raise FileNotFoundError(f"eval.cases.{task}: {path!r} not found")
     if e.merge not in MERGE_NOTES:
         raise ValueError(f"eval.merge must be one of {', '.join(MERGE_NOTES)}, got {e.merge!r}")
-
-
-def load_encoder(name, cfg, device):
-    """(TextEncoder, tokenizer, ModelConfig) of an eval.models entry. "raw" is the paper's
-    baseline: the untrained LLM run causally, as it was pre-trained, mean-pooled; "raw_bidirectional"
-    drops the causal mask before any training (LLM2Vec's step 1 alone)."""
-    if name not in RAW_MODELS:
-        return load_text_encoder(text_dir_of(name, cfg), device)
-    mcfg = replace(cfg.model, pooling="mean")  # an untrained latent-attention pooler would be noise
-    llm, tokenizer = build_llm(mcfg, cfg.seed, device)
-    return model.TextEncoder(llm, "mean", causal=name == "raw").eval(), tokenizer, mcfg
-
-
-def cached_embed(embed, name, batch_size):
-    """embed(texts) that encodes each distinct text once, shortest first so that a batch holds
-    texts of similar length (little padding), with a tqdm bar. The tasks share many texts: the
-    findings of summarisation and error discrimination, the true impressions of both."""
-    cache = {}
-
-    def cached(texts):
-        new = sorted({t for t in texts if t not in cache}, key=lambda t: (len(t), t))
-        with tqdm(total=len(new), desc=f"embedding ({name})", unit="text", disable=not new) as bar:
-            for i in range(0, len(new), batch_size):
-                batch = new[i:i + batch_size]
-                cache.update(zip(batch, embed(batch)))
-                bar.update(len(batch))
-        return torch.stack([cache[t] for t in texts])
-    return cached
 
 
 def text_cases(cfg, reports):
@@ -596,16 +540,11 @@ def evaluate_text_model(embed, cases, examples, k=5):
     return results, rows
 
 
-def headline(results):
-    """The table's columns: the number the paper reports for each task, and its R@5."""
-    return {column: results.get(task, {}).get(metric) for column, (task, metric) in HEADLINE.items()}
-
-
 def evaluate_baselines(cases, train_reports, batch_size):
     """The rows an encoder must beat, on the same cases: TF-IDF fitted on the training reports (every
     task), pick-shortest and pick-longest (error discrimination), the majority answer (clinical label
     F1), and chance (from the cases alone)."""
-    tfidf, _ = evaluate_text_model(cached_embed(tfidf_embed([r.text() for r in train_reports]), "TF-IDF",
+    tfidf, _ = evaluate_text_model(embed_each_once(tfidf_embed([r.text() for r in train_reports]), "TF-IDF",
                                                 batch_size), cases, [])
     rows = {"baseline: TF-IDF": tfidf}
     if cases["error"]:
@@ -657,51 +596,6 @@ def evaluate_clip(cfg, env, clip_dir):
     return out, examples
 
 
-def markdown_report(results, n_boot):
-    """The tables of results.md: text encoders, error kinds, and the CLIP model if there is one."""
-    text, clip = results["text"], results["clip"]
-    by_source = {}
-    for task, c in text["cases"].items():
-        by_source.setdefault(c["from"], []).append(f"{task} {c['n']}")
-    test, baselines = text["overlap"]["test"], text["baselines"]
-    notes = [f"Test reports whose text occurs in training were dropped first: {test['dropped']} of {test['of']}."]
-    multi = {task: r["multi_answer_queries"] for task, r in baselines["baseline: TF-IDF"].items()
-             if r.get("multi_answer_queries") and task != "summarisation_label"}  # the same for every model
-    if multi:
-        notes.append("Queries with several correct answers, each counted as a hit: "
-                     + ", ".join(f"{task} {n}" for task, n in multi.items()) + ".")
-    notes.append("Summarisation label R@1: the top impression has the true one's findings.")
-    if "clinical" in baselines["baseline: majority"]:
-        notes.append(f"Majority: always {', '.join(baselines['baseline: majority']['clinical']['answer'])}, "
-                     "the most common findings of the training impressions.")
-    rows = text["models"] | baselines  # the baselines beside the encoders: an encoder must beat them
-    md = ["## Text encoders on the report tasks\n\nCases: "
-          + "; ".join(f"{', '.join(tasks)} from {source}" for source, tasks in by_source.items())
-          + ". " + " ".join(notes) + "\n\n",
-          results_table({name: headline(r) for name, r in rows.items()})]
-    per_kind = {name: {kind: v["pairwise_accuracy"] for kind, v in r["error"]["per_kind"].items()}
-                for name, r in rows.items() if "per_kind" in r.get("error", {})}
-    if per_kind:
-        md += ["\nError discrimination, pairwise accuracy per error kind (chance 50 %):\n\n",
-               results_table(per_kind)]
-    if "skipped" in clip:
-        return "".join(md) + f"\n(image side skipped: {clip['skipped']})\n"
-    directions = (("image_to_text", "image->report"), ("text_to_image", "report->image"))
-    md += [f"\n## CLIP: image <-> report retrieval on {clip['studies']} synthetic test studies, their "
-           f"reports in each style\n\nMulti-positive ({clip['merge']}): {clip['merge_note']}.\n\n",
-           results_table({style: {f"{d} {m}": r[direction][m] for direction, d in directions
-                                  for m in ("R@1", "R@5", "R@10", "mean_rank", "median_rank")}
-                          | {"gallery entries": r["gallery_entries"]}
-                          for style, r in clip["styles"].items()}),
-           f"\nZero-shot classification (CheXzero prompts), AUROC with bootstrap 95 % CI ({n_boot} "
-           f"resamples); mean AUROC {cell(clip['zero_shot']['mean_auroc'])}:\n\n",
-           results_table({name: {"AUROC": v["auroc"], "95% CI": None if v["auroc"] is None else
-                                 f"{v['ci_low']:.3f}-{v['ci_high']:.3f}", "positives": v["n_pos"],
-                                 "negatives": v["n_neg"]}
-                          for name, v in clip["zero_shot"]["per_label"].items()})]
-    return "".join(md)
-
-
 def main(argv):
     cfg = load_config(argv[0], argv[1:])
     env, e = setup(cfg), cfg.eval
@@ -719,8 +613,10 @@ def main(argv):
     text, sections = {}, []  # sections: (file name, title, rows) of the pictures
     for name in e.models:
         t0 = time.perf_counter()
-        encoder, tokenizer, mcfg = load_encoder(name, cfg, env.device)
-        embed = cached_embed(make_embed(encoder, tokenizer, mcfg, env.precision, e.batch_size),
+        kind = name if name in RAW_ENCODERS else "trained"  # raw: causal, as pre-trained (the paper's baseline)
+        mcfg, _, load = text_source(kind, text_dir_of(name, cfg), cfg.model, cfg.seed)
+        encoder, tokenizer = load(env.device)
+        embed = embed_each_once(make_embed(encoder, tokenizer, mcfg, env.precision, e.batch_size),
                              name, e.batch_size)
         text[name], rows = evaluate_text_model(embed, cases, examples)
         text[name]["seconds"] = time.perf_counter() - t0
@@ -740,7 +636,7 @@ def main(argv):
         results["clip"] = {"skipped": f"{clip_dir}/clip.json not found: run train_clip.py with this config"}
     results["config"] = asdict(cfg)
 
-    table = markdown_report(results, e.n_boot)
+    table = eval_markdown(results, e.n_boot)
     write_text(str(out_dir / "results.json"), json.dumps(results, indent=2) + "\n")
     write_text(str(out_dir / "results.md"), table)
     note = ("Sampled queries and their top-5; green = correct. Identical normalised reports are one "

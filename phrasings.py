@@ -1,5 +1,5 @@
 """Tables of phrasings that variants.py draws on: anatomical regions for partitioned reports, and
-the wordings of injected errors. Data, not method: skip it on a first read."""
+the wordings of injected errors; and evaluate.py's zero-shot prompts. Data, not method: skip it on a first read."""
 
 # Anatomical partition: a sentence goes to the region of its first keyword; 'Other' is tried first so that
 # 'no acute cardiopulmonary disease' is not filed under the heart.
@@ -41,3 +41,23 @@ DEVICE_SENTENCES = ["{Side} internal jugular central venous catheter with tip in
 DEVICE_MOVES = {"superior vena cava": "right atrium", "svc": "right atrium", "right atrium": "superior vena cava",
                  "cavoatrial junction": "brachiocephalic vein", "stomach": "esophagus", "esophagus": "stomach",
                  "above the carina": "in the right mainstem bronchus"}
+
+# The 14 CheXpert observations, each with a (positive, negative) prompt worded like a report
+# sentence, since the text encoder was trained on reports rather than on "a photo of" captions.
+ZERO_SHOT_PROMPTS = {
+    "No Finding": ("No acute cardiopulmonary abnormality.", "There are acute abnormal findings."),
+    "Enlarged Cardiomediastinum": ("The cardiomediastinal silhouette is enlarged.",
+                                   "The cardiomediastinal silhouette is normal."),
+    "Cardiomegaly": ("The heart is enlarged.", "The heart size is normal."),
+    "Lung Opacity": ("There is an opacity in the lung.", "The lungs are clear."),
+    "Lung Lesion": ("There is a lung nodule or mass.", "There is no lung nodule or mass."),
+    "Edema": ("There is pulmonary edema.", "There is no pulmonary edema."),
+    "Consolidation": ("There is focal consolidation.", "There is no focal consolidation."),
+    "Pneumonia": ("Findings are concerning for pneumonia.", "There is no evidence of pneumonia."),
+    "Atelectasis": ("There is atelectasis.", "There is no atelectasis."),
+    "Pneumothorax": ("There is a pneumothorax.", "There is no pneumothorax."),
+    "Pleural Effusion": ("There is a pleural effusion.", "There is no pleural effusion."),
+    "Pleural Other": ("There is pleural thickening.", "There is no pleural abnormality."),
+    "Fracture": ("There is a rib fracture.", "There is no acute fracture."),
+    "Support Devices": ("Support lines and tubes are in place.", "There are no lines or tubes."),
+}

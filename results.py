@@ -162,3 +162,65 @@ def plot_losses(log_paths: dict, png_path: str, size=(720, 400)):
         draw.text((x0 + 4, y1 - 12), f"{lo:.3g}", fill="gray")
         draw.text((x1 - 60, y1 + 4), f"step {steps[-1]}", fill="gray")
     atomic_write(png_path, lambda p: img.save(p, format="PNG"))
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py's results.md
+# ---------------------------------------------------------------------------------------------
+
+HEADLINE = {"acronym R@1": ("acronym", "R@1"), "acronym R@5": ("acronym", "R@5"),
+            "paraphrase R@1": ("paraphrase", "R@1"), "paraphrase R@5": ("paraphrase", "R@5"),
+            "summarisation R@1": ("summarisation", "R@1"), "summarisation R@5": ("summarisation", "R@5"),
+            "summarisation label R@1": ("summarisation_label", "R@1"),
+            "error top1_accuracy": ("error", "top1_accuracy"),
+            "clinical label_f1": ("clinical", "label_f1")}
+
+
+def headline(results):
+    """The table's columns: the number the paper reports for each task, and its R@5."""
+    return {column: results.get(task, {}).get(metric) for column, (task, metric) in HEADLINE.items()}
+
+
+def eval_markdown(results, n_boot):
+    """The tables of results.md: text encoders, error kinds, and the CLIP model if there is one."""
+    text, clip = results["text"], results["clip"]
+    by_source = {}
+    for task, c in text["cases"].items():
+        by_source.setdefault(c["from"], []).append(f"{task} {c['n']}")
+    test, baselines = text["overlap"]["test"], text["baselines"]
+    notes = [f"Test reports whose text occurs in training were dropped first: {test['dropped']} of {test['of']}."]
+    multi = {task: r["multi_answer_queries"] for task, r in baselines["baseline: TF-IDF"].items()
+             if r.get("multi_answer_queries") and task != "summarisation_label"}  # the same for every model
+    if multi:
+        notes.append("Queries with several correct answers, each counted as a hit: "
+                     + ", ".join(f"{task} {n}" for task, n in multi.items()) + ".")
+    notes.append("Summarisation label R@1: the top impression has the true one's findings.")
+    if "clinical" in baselines["baseline: majority"]:
+        notes.append(f"Majority: always {', '.join(baselines['baseline: majority']['clinical']['answer'])}, "
+                     "the most common findings of the training impressions.")
+    rows = text["models"] | baselines  # the baselines beside the encoders: an encoder must beat them
+    md = ["## Text encoders on the report tasks\n\nCases: "
+          + "; ".join(f"{', '.join(tasks)} from {source}" for source, tasks in by_source.items())
+          + ". " + " ".join(notes) + "\n\n",
+          results_table({name: headline(r) for name, r in rows.items()})]
+    per_kind = {name: {kind: v["pairwise_accuracy"] for kind, v in r["error"]["per_kind"].items()}
+                for name, r in rows.items() if "per_kind" in r.get("error", {})}
+    if per_kind:
+        md += ["\nError discrimination, pairwise accuracy per error kind (chance 50 %):\n\n",
+               results_table(per_kind)]
+    if "skipped" in clip:
+        return "".join(md) + f"\n(image side skipped: {clip['skipped']})\n"
+    directions = (("image_to_text", "image->report"), ("text_to_image", "report->image"))
+    md += [f"\n## CLIP: image <-> report retrieval on {clip['studies']} synthetic test studies, their "
+           f"reports in each style\n\nMulti-positive ({clip['merge']}): {clip['merge_note']}.\n\n",
+           results_table({style: {f"{d} {m}": r[direction][m] for direction, d in directions
+                                  for m in ("R@1", "R@5", "R@10", "mean_rank", "median_rank")}
+                          | {"gallery entries": r["gallery_entries"]}
+                          for style, r in clip["styles"].items()}),
+           f"\nZero-shot classification (CheXzero prompts), AUROC with bootstrap 95 % CI ({n_boot} "
+           f"resamples); mean AUROC {cell(clip['zero_shot']['mean_auroc'])}:\n\n",
+           results_table({name: {"AUROC": v["auroc"], "95% CI": None if v["auroc"] is None else
+                                 f"{v['ci_low']:.3f}-{v['ci_high']:.3f}", "positives": v["n_pos"],
+                                 "negatives": v["n_neg"]}
+                          for name, v in clip["zero_shot"]["per_label"].items()})]
+    return "".join(md)

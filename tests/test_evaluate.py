@@ -15,6 +15,8 @@ import torch
 
 import evaluate as ev
 import cases
+from encoders import embed_each_once
+from phrasings import ZERO_SHOT_PROMPTS
 from reports import Report
 from results import write_results
 from runtime import load_config
@@ -222,7 +224,7 @@ def test_zero_shot_classify():
     assert b["auroc"] == pytest.approx(4 / 6)
     assert c["auroc"] is None and c["skipped"] == "only one class present"
     assert out["n_labels_evaluated"] == 2 and out["mean_auroc"] == pytest.approx((1 + 4 / 6) / 2)
-    assert len(ev.ZERO_SHOT_PROMPTS) == 14
+    assert len(ZERO_SHOT_PROMPTS) == 14
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,13 +765,13 @@ def test_command_names_bad_settings(tmp_path):
         ev.main([TINY, f"out_dir={tmp_path}", "eval.models=[raw]", "eval.merge=fuzzy"])
 
 
-def test_cached_embed_equals_plain_embed():
+def test_embed_each_once_equals_plain_embed():
     calls = []
 
     def embed(texts):
         calls.append(list(texts))
         return torch.tensor([[len(t), t.count("a")] for t in texts], dtype=torch.float)
-    cached = ev.cached_embed(embed, "test", batch_size=2)
+    cached = embed_each_once(embed, "test", batch_size=2)
     texts = ["bbb", "a", "aa", "a", "bbb"]
     assert torch.equal(cached(texts), embed(texts))
     assert calls[:-1] == [["a", "aa"], ["bbb"]]  # each distinct text once, shortest first
