@@ -3,40 +3,48 @@ held-out reports with variants.py's rewrites and errors, or read from JSONL file
 evaluate.py scores them and writes the cases it used back out (write_cases_jsonl).
 
 - acronym: an abbreviated report -> its expanded text (Recall@k over all expanded texts);
-- paraphrase: a restyled report -> the report;
+- paraphrase: a restyled and reworded report -> the report;
 - summarisation: findings -> the impression;
 - error: findings -> {the true impression, three impressions with one injected error each}.
 
-The rewrites and error wordings come from the same rules as stage 1's training variants (variants.py),
-so a bag of words scores high on acronym and paraphrase: read every task beside its TF-IDF baseline row.
+The rewrites and error wordings are variants.py's held-out 'eval' family (reports.rule_family): stage 1
+trains on the 'train' abbreviations, wordings and error wordings only, so acronym and paraphrase grade
+understanding, not the inversion of rules seen in training. Wrong impressions are edited in place and keep
+the true one's length; for abnormal impressions they remove or change findings before adding one, and
+normal impressions (whose errors can only add a finding) are capped, so that neither length nor the number
+of findings tells the true impression apart. Read every task beside its baseline rows all the same.
 """
 import json
 import os
 
-from reports import normalize_for_match
+from reports import label_report, normalize_for_match
 from runtime import atomic_write
-from variants import error_impressions, make_variants
+from variants import error_impressions, make_variants, reword
 
 RETRIEVAL_TASKS = ("acronym", "paraphrase", "summarisation")
 CASE_KEYS = {**{t: ("query", "answer") for t in RETRIEVAL_TASKS},
              "error": ("findings", "impression", "wrong")}
-# variants that restyle a report; "abbreviated" and "expanded" are the acronym task's
-PARAPHRASE_STYLES = ("shuffled", "omit_normal", "partitioned", "impression_only")
+# variants that restyle a report ("abbreviated" and "expanded" are the acronym task's); a paraphrase query
+# is reworded on top by the eval family's wording rules wherever one applies (on Open-I: about 60 %)
+PARAPHRASE_STYLES = ("shuffled", "omit_normal", "partitioned", "impression_only", "paraphrased")
+FAMILY = "eval"  # the rules of the cases: never those that make stage 1's training variants
+NORMAL_SHARE = 0.2  # about the most error cases with a normal impression may make (its errors all add a finding)
 
 
 def build_text_cases(reports, rng, n=None):
     """Cases for every text task from reports.Report objects (real or synthetic), with variants.py's
-    rewrites and errors. rng: the generator make_variants takes (numpy's or
+    rewrites and errors of the 'eval' family. rng: the generator make_variants takes (numpy's or
     random.Random: only shuffle and choice are used here). Returns {task: [case, ...]} in the format
     of read_cases_jsonl: retrieval cases carry a "key" (the normalised answer) so that identical
-    answers are merged, paraphrase cases their "style" and "other_keys" (below)."""
+    answers are merged, paraphrase cases their "style", the wording "rules" used and "other_keys"
+    (below), error cases the "kinds" of their wrong impressions and the observation each "changed"."""
     reports = list(reports)
     if n is not None and n < len(reports):
         rng.shuffle(reports)
         reports = reports[:n]
     case = lambda q, a: {"query": q, "answer": a, "key": normalize_for_match(a)}
     cases = {task: [] for task in CASE_KEYS}
-    all_variants = [make_variants(report, rng) for report in reports]
+    all_variants = [make_variants(report, rng, family=FAMILY) for report in reports]
     # A paraphrase that leaves content out rewrites several reports equally well: "impression only"
     # every report with that impression, "omit normal" every report with those abnormal sentences.
     # All of them are correct answers ("other_keys"), or "No acute disease." would have one right
@@ -49,23 +57,35 @@ def build_text_cases(reports, rng, n=None):
             if variants.get(style):
                 rewrites.setdefault((style, content(report, variants, style)), set()).add(
                     normalize_for_match(report.text()))
+    normal = lambda report: not any(v == 1 for o, v in label_report(report.impression).items() if o != "No Finding")
+    with_pair = [r for r in reports if r.findings and r.impression]
+    normal_left = int(NORMAL_SHARE / (1 - NORMAL_SHARE) * sum(not normal(r) for r in with_pair))
+    counts = {}  # kinds (and lengths) of the wrong impressions so far, which error_impressions balances
     for report, variants in zip(reports, all_variants):
         # make_variants leaves out "expanded" when it equals the report (no abbreviations to expand)
         expanded = variants.get("expanded") or report.text()
         if variants.get("abbreviated") and variants["abbreviated"] != expanded:  # else nothing to understand
             cases["acronym"].append(case(variants["abbreviated"], expanded))
-        styles = [s for s in PARAPHRASE_STYLES if variants.get(s) and variants[s] != report.text()]
+        # each restyled report reworded on top ("paraphrased": the report itself), recording the rules used
+        reworded = {s: reword(report.text() if s == "paraphrased" else variants[s], rng, FAMILY)
+                    for s in PARAPHRASE_STYLES if variants.get(s) and variants[s] != report.text()}
+        styles = [s for s, (query, rules) in reworded.items() if rules or s != "paraphrased"]
         if styles:
             style = rng.choice(styles)
-            c = case(variants[style], report.text()) | {"style": style}
+            query, rules = reworded[style]
+            c = case(query, report.text()) | {"style": style, "rules": rules}
             c["other_keys"] = sorted(rewrites[style, content(report, variants, style)] - {c["key"]})
             cases["paraphrase"].append(c)
         if report.findings and report.impression:
             cases["summarisation"].append(case(report.findings, report.impression))
-            errors = error_impressions(report.impression, rng, n=3)
+            if normal(report):
+                if normal_left == 0:
+                    continue
+                normal_left -= 1
+            errors = error_impressions(report.impression, rng, n=3, family=FAMILY, counts=counts)
             if errors:
                 cases["error"].append({"findings": report.findings, "impression": report.impression,
-                                       "wrong": errors[0], "kinds": errors[1]})
+                                       "wrong": errors[0], "kinds": errors[1], "changed": errors[2]})
     return cases
 
 

@@ -11,7 +11,7 @@
   level), error discrimination, clinical similarity. They take `embed(texts) -> (N, d)` and plain
   strings, so they run on any encoder, or on a fake one in the tests.
 - Baselines on the same cases, so that a table shows whether an encoder beats a bag of words:
-  TF-IDF (an embed function like any encoder's), pick-shortest / pick-longest, the majority answer,
+  TF-IDF (an embed function like any encoder's), pick-shortest / -longest / -fewest findings, the majority answer,
   chance.
 - Zero-shot classification as in CheXzero (Tiu et al. 2022, Nat. Biomed. Eng.): a positive and a negative prompt per
   observation, AUROC per label with bootstrap 95 % confidence intervals.
@@ -391,13 +391,17 @@ def tfidf_embed(train_texts, max_vocab=10000):
     return embed
 
 
-def length_baseline(cases, longest=False):
-    """Error discrimination by length alone: pick the shortest (or longest) impression, ties broken at
-    random. Far above chance, the cases reward length (e.g. an error appended as a sentence), not reading."""
-    sign = 1.0 if longest else -1.0
-    true = torch.tensor([sign * len(c["impression"]) for c in cases], dtype=torch.float64)
-    wrong = torch.tensor([sign * len(w) for c in cases for w in c["wrong"]], dtype=torch.float64)
+def pick_baseline(cases, score):
+    """Error discrimination by a rule that does not read the findings: pick the impression with the
+    highest score(text), ties broken at random. Far above chance, the cases reward that rule rather
+    than reading (e.g. an error appended as a sentence: pick-shortest wins)."""
+    true = torch.tensor([score(c["impression"]) for c in cases], dtype=torch.float64)
+    wrong = torch.tensor([score(w) for c in cases for w in c["wrong"]], dtype=torch.float64)
     return _error_scores(cases, true, wrong, ties="random")
+
+
+PICK_RULES = {"shortest": lambda text: -len(text), "longest": len,  # the rules an error set must defeat
+              "fewest findings": lambda text: -sum(v == 1 for k, v in label_report(text).items() if k != "No Finding")}
 
 
 def majority_baseline(train_impressions, cases, label_fn=label_report, max_reports=5000):
@@ -542,14 +546,13 @@ def evaluate_text_model(embed, cases, examples, k=5):
 
 def evaluate_baselines(cases, train_reports, batch_size):
     """The rows an encoder must beat, on the same cases: TF-IDF fitted on the training reports (every
-    task), pick-shortest and pick-longest (error discrimination), the majority answer (clinical label
-    F1), and chance (from the cases alone)."""
+    task), pick-shortest, pick-longest and pick-fewest-findings (error discrimination), the majority
+    answer (clinical label F1), and chance (from the cases alone)."""
     tfidf, _ = evaluate_text_model(embed_each_once(tfidf_embed([r.text() for r in train_reports]), "TF-IDF",
                                                 batch_size), cases, [])
     rows = {"baseline: TF-IDF": tfidf}
-    if cases["error"]:
-        rows["baseline: shortest"] = {"error": length_baseline(cases["error"])}
-        rows["baseline: longest"] = {"error": length_baseline(cases["error"], longest=True)}
+    for name, score in PICK_RULES.items() if cases["error"] else ():
+        rows[f"baseline: {name}"] = {"error": pick_baseline(cases["error"], score)}
     rows["baseline: majority"] = majority_baseline([r.impression for r in train_reports], cases)
     chance = {task: {metric: r["chance"][metric] for metric in r["chance"]}
               for task, r in tfidf.items() if isinstance(r.get("chance"), dict)}

@@ -1,5 +1,6 @@
-"""Tables of phrasings that variants.py draws on: anatomical regions for partitioned reports, and
-the wordings of injected errors; and evaluate.py's zero-shot prompts. Data, not method: skip it on a first read."""
+"""Tables of phrasings that variants.py draws on: anatomical regions for partitioned reports, wording
+rules of paraphrases, and the wordings of injected errors; and evaluate.py's zero-shot prompts. Data, not
+method: skip it on a first read."""
 
 # Anatomical partition: a sentence goes to the region of its first keyword; 'Other' is tried first so that
 # 'no acute cardiopulmonary disease' is not filed under the heart.
@@ -15,32 +16,161 @@ REGIONS = [("Other", r"cardiopulmonary|acute\s+(?:disease|process|abnormalit\w*)
                       r"|clavicles?|shoulders?|humer\w*|osteo\w*|skelet\w*|thoracic")]
 PARTITION_ORDER = ["Lungs", "Pleura", "Heart and mediastinum", "Bones", "Devices", "Other"]
 SWAP_SIDE = {"left": "right", "right": "left", "l": "R", "r": "L", "lll": "RLL", "rll": "LLL", "lul": "RUL",
-              "rul": "LUL"}
-SEVERITY_SWAP = {"minimal": "moderate", "mild": "severe", "mildly": "markedly", "slight": "marked",
-                  "slightly": "markedly", "moderate": "mild severe", "moderately": "mildly severely", "severe": "mild",
-                  "severely": "mildly", "marked": "mild", "markedly": "mildly", "trace": "large", "tiny": "large",
-                  "small": "large", "large": "small", "massive": "small", "extensive": "minimal"}
-NEGATED = {"Cardiomegaly": "Heart size is normal.", "Enlarged Cardiomediastinum": "Normal mediastinal contours.",
-            "Lung Opacity": "No focal opacity.", "Lung Lesion": "No pulmonary nodule or mass.",
-            "Edema": "No pulmonary edema.", "Consolidation": "No focal consolidation.",
-            "Pneumonia": "No evidence of pneumonia.", "Atelectasis": "No atelectasis.",
-            "Pneumothorax": "No pneumothorax.", "Pleural Effusion": "No pleural effusion.",
-            "Pleural Other": "No pleural thickening.", "Fracture": "No fracture.",
-            "Support Devices": "No lines or tubes."}
-FALSE_FINDINGS = {"Cardiomegaly": "{Degree} cardiomegaly.", "Edema": "{Degree} pulmonary edema.",
-                   "Lung Opacity": "Patchy opacity in the {side} lower lobe.",
-                   "Lung Lesion": "{mm} mm nodule in the {side} upper lobe.",
-                   "Consolidation": "{Side} lower lobe consolidation.", "Pneumonia": "{Side} lower lobe pneumonia.",
-                   "Atelectasis": "{Side} basilar atelectasis.", "Pneumothorax": "{Size} {side} apical pneumothorax.",
-                   "Pleural Effusion": "{Size} {side} pleural effusion.",
-                   "Fracture": "Acute fracture of the {side} 6th rib."}
+             "rul": "LUL"}
+
+# Every entry below is a rule with a family (reports.rule_family of its key): training variants draw on the
+# 'train' rules, the evaluation's queries and errors on the 'eval' ones.
+
+# Wording rules, clinically equivalent rewrites of one sentence: (key, pattern, replacement). The
+# replacement may use the pattern's groups; a sentence gets at most one of them.
+WORDINGS = [
+    ("heart size is normal -> cardiac silhouette normal in size", r"^(?:the )?heart size is normal\b",
+     "The cardiac silhouette is normal in size"),
+    ("heart size is normal -> heart is normal in size", r"^(?:the )?heart size is normal\b",
+     "The heart is normal in size"),
+    ("heart size is normal -> normal heart size", r"^(?:the )?heart size is normal\.$", "Normal heart size."),
+    ("heart is normal in size -> heart size is normal", r"^(?:the )?heart is normal in size\b", "Heart size is normal"),
+    ("normal heart size -> heart size is normal", r"^normal heart size\.$", "Heart size is normal."),
+    ("cardiac silhouette normal in size -> heart size is normal",
+     r"^(?:the )?cardiac silhouette is normal in size\b", "Heart size is normal"),
+    ("cardiomediastinal silhouette is normal -> normal cardiomediastinal silhouette",
+     r"^(?:the )?cardiomediastinal silhouette is (?:normal|within normal limits)\.$",
+     "Normal cardiomediastinal silhouette."),
+    ("normal cardiomediastinal silhouette -> cardiomediastinal silhouette within normal limits",
+     r"^normal cardiomediastinal silhouette\.$", "The cardiomediastinal silhouette is within normal limits."),
+    ("heart and mediastinum normal -> cardiomediastinal silhouette normal",
+     r"^(?:the )?heart and mediastinum are (?:normal|unremarkable)\.$", "The cardiomediastinal silhouette is normal."),
+    ("lungs are clear -> clear lungs", r"^(?:the )?lungs are clear\.$", "Clear lungs."),
+    ("lungs are clear -> lungs are clear bilaterally", r"^(?:the )?lungs are clear\.$",
+     "The lungs are clear bilaterally."),
+    ("clear lungs -> lungs are clear", r"^clear lungs\.$", "The lungs are clear."),
+    ("lungs are clear -> no focal airspace disease", r"^(?:the )?lungs are clear\.$", "No focal airspace disease."),
+    ("no focal airspace disease -> lungs are clear", r"^no focal airspace disease\.$", "The lungs are clear."),
+    ("no evidence of x -> no x", r"^no evidence of (?!acute)", "No "),
+    ("no x -> no evidence of x", r"^no (?=(?:focal |pleural |pulmonary )?(?:consolidation|effusion|edema|pneumothorax"
+     r"|pneumonia|pleural effusion)\b)", "No evidence of "),
+    ("no x -> there is no x", r"^no (?!acute|active)(?![a-z]+s\b)", "There is no "),
+    ("there is no x -> no x", r"^there (?:is|are) no ", "No "),
+    ("no x -> x is not seen", r"^no ((?:focal |large |visible )?[a-z]+)\.$", r"\1 is not seen."),
+    ("x is seen -> there is x", r"^((?:small|mild|minimal|moderate|large) [a-z ]+?) is (?:seen|noted|present)\.$",
+     r"There is \1."),
+    ("there is x -> x is seen", r"^there is (?!no\b)(?:an? )?((?:small|mild|minimal|moderate|large) [a-z ]+)\.$",
+     r"\1 is seen."),
+    ("no pleural effusion or pneumothorax -> split",
+     r"^no (pleural effusion|effusion|pneumothorax|focal consolidation) or (pneumothorax|pleural effusion|effusion"
+     r"|focal consolidation)\.$", r"No \1. No \2."),
+    ("no pleural effusion and no pneumothorax -> or", r"^no ([a-z ]+?),? and no ([a-z ]+)\.$", r"No \1 or \2."),
+    ("no acute cardiopulmonary abnormality -> disease", r"^no acute cardiopulmonary (?:abnormality|abnormalities)\b",
+     "No acute cardiopulmonary disease"),
+    ("no acute cardiopulmonary findings -> abnormality", r"^no acute cardiopulmonary (?:findings?)\b",
+     "No acute cardiopulmonary abnormality"),
+    ("no acute cardiopulmonary disease -> process", r"^no acute cardiopulmonary disease\b",
+     "No acute cardiopulmonary process"),
+    ("no acute cardiopulmonary process -> findings", r"^no (?:evidence of )?acute cardiopulmonary process\b",
+     "No acute cardiopulmonary findings"),
+    ("negative for acute abnormality -> no acute abnormality", r"^negative for acute", "No acute"),
+    ("no acute disease -> no acute cardiopulmonary disease", r"^no acute disease\b",
+     "No acute cardiopulmonary disease"),
+    ("no active disease -> no active cardiopulmonary disease", r"^no active disease\b",
+     "No active cardiopulmonary disease"),
+    ("within normal limits -> normal", r"\bwithin normal limits\b", "normal"),
+    ("are normal -> are within normal limits", r"\b(is|are) normal\.$", r"\1 within normal limits."),
+    ("unremarkable -> normal", r"\b(is|are) unremarkable\b", r"\1 normal"),
+    ("osseous structures intact -> no acute bony abnormality",
+     r"^(?:the )?(?:osseous|bony) structures are (?:intact|unremarkable)\.$", "No acute bony abnormality."),
+    ("no acute bony abnormality -> osseous structures intact", r"^no acute (?:bony|osseous) abnormality\.$",
+     "The osseous structures are intact."),
+    ("pulmonary vascularity normal -> normal pulmonary vasculature",
+     r"^(?:the )?pulmonary vascularity is (?:normal|within normal limits)\.$", "Normal pulmonary vasculature."),
+    ("stable -> unchanged", r"\bstable\b", "unchanged"),
+    ("unchanged -> stable", r"\bunchanged\b", "stable"),
+    ("consistent with -> compatible with", r"\bconsistent with\b", "compatible with"),
+    ("compatible with -> consistent with", r"\bcompatible with\b", "consistent with"),
+    ("mild -> slight", r"\bmild\b", "slight"),
+    ("mildly -> slightly", r"\bmildly\b", "slightly"),
+    ("no pleural effusion -> no effusion", r"\bno pleural effusions?\b", "no effusion"),
+    ("no effusion -> no pleural effusion", r"\bno effusions?\b(?! or)", "no pleural effusion"),
+    ("pneumothorax absent -> no pneumothorax", r"^there is no evidence of pneumothorax\.$", "No pneumothorax."),
+]
+# Two sentences in one (the reverse of the split rule above): (key, pattern over a text, replacement).
+_TWO_DENIALS = r"\bNo ([a-z]+(?: [a-z]+)?)\. No ([a-z]+(?: [a-z]+)?)\."
+MERGES = [("no x. no y. -> no x or y", _TWO_DENIALS, r"No \1 or \2."),
+          ("no x. no y. -> no x and no y", _TWO_DENIALS, r"No \1 and no \2.")]
+
+# Error wordings. A finding denied, in place of a sentence that reported it (several lengths each, so
+# that the wrong impression keeps the length of the true one).
+NEGATED = {
+    "Cardiomegaly": ["Heart size is normal.", "Normal heart size.", "The heart is not enlarged.",
+                     "The cardiac silhouette is normal in size.", "No cardiomegaly."],
+    "Enlarged Cardiomediastinum": ["Normal mediastinal contours.", "The mediastinum is not widened.",
+                                   "Normal cardiomediastinal silhouette.", "Mediastinum is normal."],
+    "Lung Opacity": ["No focal opacity.", "The lungs are clear.", "No focal airspace opacity is seen.",
+                     "Clear lungs.", "No airspace opacity."],
+    "Lung Lesion": ["No pulmonary nodule or mass.", "No nodules.", "No lung nodule.", "No suspicious pulmonary mass.",
+                    "No suspicious nodule or mass.", "No pulmonary nodules are seen.", "No focal nodule or mass."],
+    "Edema": ["No pulmonary edema.", "No edema.", "There is no pulmonary edema.", "No evidence of edema."],
+    "Consolidation": ["No focal consolidation.", "No consolidation.", "There is no focal consolidation.",
+                      "No airspace consolidation."],
+    "Pneumonia": ["No evidence of pneumonia.", "No pneumonia.", "There is no pneumonia.", "No findings of pneumonia."],
+    "Atelectasis": ["No atelectasis.", "No evidence of atelectasis.", "There is no atelectasis.",
+                    "No focal atelectasis."],
+    "Pneumothorax": ["No pneumothorax.", "There is no pneumothorax.", "No evidence of pneumothorax.",
+                     "No pneumothorax is seen."],
+    "Pleural Effusion": ["No pleural effusion.", "No effusion.", "No pleural effusion is seen.",
+                         "There is no pleural effusion.", "No evidence of pleural effusion."],
+    "Pleural Other": ["No pleural thickening.", "No pleural abnormality.", "There is no pleural thickening."],
+    "Fracture": ["No fracture.", "No acute fracture.", "No displaced rib fracture.", "No fractures are seen."],
+    "Support Devices": ["No lines or tubes.", "No support devices.", "No lines, tubes or devices."],
+}
+# A finding asserted: in place of a sentence that denied it, or of a normal statement (a false finding).
+POSITIVE = {
+    "Cardiomegaly": ["{Degree} cardiomegaly.", "Cardiomegaly.", "The heart is {degree}ly enlarged.",
+                     "{Degree} enlargement of the cardiac silhouette."],
+    "Edema": ["{Degree} pulmonary edema.", "Pulmonary edema.", "{Degree} interstitial pulmonary edema.",
+              "There is {degree} pulmonary edema.",
+              "Interstitial edema.", "{Degree} edema.", "Diffuse pulmonary edema."],
+    "Lung Opacity": ["Patchy opacity in the {side} lower lobe.", "{Side} basilar opacity.", "{Side} lung opacity.",
+                     "Hazy opacity in the {side} lung base."],
+    "Lung Lesion": ["{mm} mm nodule in the {side} upper lobe.", "{Side} lung nodule.", "{Side} upper lobe mass.",
+                    "{mm} mm {side} lower lobe pulmonary nodule.",
+                    "Pulmonary nodule in the {side} lung.", "{Side} lower lobe nodule.",
+                    "Spiculated {side} upper lobe mass."],
+    "Consolidation": ["{Side} lower lobe consolidation.", "{Side} consolidation.",
+                      "Focal consolidation in the {side} lower lobe.",
+                      "Consolidation in the {side} lung base.", "{Side} basilar consolidation.",
+                      "{Degree} {side} lower lobe consolidation."],
+    "Pneumonia": ["{Side} lower lobe pneumonia.", "{Side} pneumonia.", "Findings of {side} lower lobe pneumonia.",
+                  "Pneumonia in the {side} lung base.", "{Side} basilar pneumonia."],
+    "Atelectasis": ["{Side} basilar atelectasis.", "{Side} atelectasis.", "{Degree} bibasilar atelectasis.",
+                    "Linear atelectasis in the {side} lung base."],
+    "Pneumothorax": ["{Size} {side} apical pneumothorax.", "{Side} pneumothorax.", "{Size} {side} pneumothorax.",
+                     "There is a {size} {side} pneumothorax."],
+    "Pleural Effusion": ["{Size} {side} pleural effusion.", "{Size} {side} effusion.", "{Side} effusion.",
+                         "There is a {size} {side} pleural effusion.", "{Size} bilateral pleural effusions."],
+    "Fracture": ["Acute fracture of the {side} 6th rib.", "{Side} rib fracture.", "Acute {side} rib fracture.",
+                 "Displaced fracture of the {side} clavicle."],
+}
+# A support device, in place of a normal sentence.
 DEVICE_SENTENCES = ["{Side} internal jugular central venous catheter with tip in the superior vena cava.",
-            "Endotracheal tube with tip 4 cm above the carina.", "Nasogastric tube with tip in the stomach.",
-            "{Side} chest tube in place.", "{Side}-sided pacemaker with leads in the right atrium and right ventricle.",
-            "{Side} PICC with tip in the superior vena cava."]
-DEVICE_MOVES = {"superior vena cava": "right atrium", "svc": "right atrium", "right atrium": "superior vena cava",
-                 "cavoatrial junction": "brachiocephalic vein", "stomach": "esophagus", "esophagus": "stomach",
-                 "above the carina": "in the right mainstem bronchus"}
+                    "Endotracheal tube with tip 4 cm above the carina.", "Nasogastric tube with tip in the stomach.",
+                    "{Side} chest tube in place.", "Chest tube in place.", "Pacemaker in place.",
+                    "{Side}-sided pacemaker with leads in the right atrium and right ventricle.",
+                    "{Side} PICC with tip in the superior vena cava.", "Endotracheal tube in place.",
+                    "Feeding tube in the stomach.", "{Side} PICC line in place.", "Dual-lead pacemaker in place.",
+                    "{Side} central venous catheter in place."]
+# Severity and device-position changes: (word, replacement) pairs written {word: 'replacement|...'}.
+SEVERITY_SWAP = {"minimal": "moderate|large|severe", "mild": "severe|moderate|marked|moderate to severe",
+                 "mildly": "markedly|severely", "slight": "marked|moderate", "slightly": "markedly|moderately|severely",
+                 "moderate": "mild|severe|minimal", "moderately": "mildly|severely", "severe": "mild|minimal|slight",
+                 "severely": "mildly|minimally", "marked": "mild|slight", "markedly": "mildly|slightly",
+                 "trace": "large|moderate", "tiny": "large|moderate", "small": "large|moderate|extensive",
+                 "large": "small|tiny|trace", "massive": "small|trace", "extensive": "minimal|mild"}
+SEVERITY_ADDED = ["mild", "moderate", "severe", "marked", "minimal", "extensive"]  # before a finding that had none
+DEVICE_MOVES = {"superior vena cava": "right atrium|brachiocephalic vein", "svc": "right atrium|azygos vein",
+                "right atrium": "superior vena cava|right ventricle",
+                "cavoatrial junction": "brachiocephalic vein|right ventricle", "stomach": "esophagus|duodenum",
+                "esophagus": "stomach|trachea",
+                "above the carina": "in the right mainstem bronchus|in the left mainstem bronchus"}
 
 # The 14 CheXpert observations, each with a (positive, negative) prompt worded like a report
 # sentence, since the text encoder was trained on reports rather than on "a photo of" captions.

@@ -257,6 +257,14 @@ def split_of(study_id: str, val: float = 0.1, test: float = 0.1) -> str:
 # Abbreviations: hospital shorthand and its expansion (the labeler reads both; variants.py writes both)
 # ---------------------------------------------------------------------------------------------
 
+def rule_family(key: str) -> str:
+    """'train' | 'eval': the family of a rewriting rule (an abbreviation, a wording, an error wording), from
+    the first byte of the sha256 of its key. Training variants use only 'train' rules and the evaluation's
+    queries and errors only 'eval' rules, so a held-out task is never graded on rules the encoder was
+    trained to invert; a hash, not a list, so that a new rule is assigned without anyone choosing."""
+    return "train" if hashlib.sha256(key.encode()).digest()[0] % 2 == 0 else "eval"
+
+
 ABBREVIATIONS = {
     "CMG": "cardiomegaly", "PTX": "pneumothorax", "PEx": "pleural effusion", "pl eff": "pleural effusion",
     "eff": "effusion", "effs": "effusions", "atx": "atelectasis", "consol": "consolidation", "opac": "opacity",
@@ -271,7 +279,25 @@ ABBREVIATIONS = {
     "AICD": "automatic implantable cardioverter-defibrillator", "nl": "normal", "WNL": "within normal limits",
     "sm": "small", "mod": "moderate", "lg": "large", "incr": "increased", "decr": "decreased", "hx": "history",
     "unchgd": "unchanged", "CP": "cardiopulmonary", "CPA": "costophrenic angle", "vasc": "vascular",
+    # views, anatomy, devices and history, so that both families hold common shorthand
+    "AP": "anteroposterior", "PA": "posteroanterior", "lat": "lateral", "bilat": "bilateral", "h/o": "history of",
+    "f/u": "follow-up", "y/o": "year-old", "approx": "approximately", "eval": "evaluation",
+    "GGO": "ground-glass opacity", "DDx": "differential diagnosis", "ARDS": "acute respiratory distress syndrome",
+    "PPM": "permanent pacemaker", "AVR": "aortic valve replacement", "MVR": "mitral valve replacement",
+    "HTN": "hypertension", "CAD": "coronary artery disease", "TB": "tuberculosis", "mets": "metastases",
+    "T-spine": "thoracic spine", "L-spine": "lumbar spine", "C-spine": "cervical spine", "AC": "acromioclavicular",
+    "GEJ": "gastroesophageal junction", "RIJ": "right internal jugular", "LIJ": "left internal jugular",
+    "RA": "right atrium", "RV": "right ventricle", "LV": "left ventricle", "IVC": "inferior vena cava",
+    "NG": "nasogastric", "OG": "orogastric", "ET": "endotracheal", "hemidiaph": "hemidiaphragm",
+    "vols": "volumes", "abd": "abdomen", "prox": "proximal", "dist": "distal", "LN": "lymph node", "pt": "patient",
 }
+# Phrases abbreviated beyond the expansions above: (phrase, abbreviation); each is in its abbreviation's family.
+_MORE_ABBREVIATED = [("pleural effusions", "PEx"), ("effusions", "effs"), ("no acute cardiopulmonary disease", "NAD"),
+                     ("no acute cardiopulmonary abnormality", "NAD"), ("no acute cardiopulmonary process", "NAD"),
+                     ("bilaterally", "b/l"), ("left-sided", "L"), ("right-sided", "R")]
+# Telegraphic habits of shorthand, each a rule with a family: (key, pattern, replacement).
+_TELEGRAPHIC = [("drop 'there is'", re.compile(r"(?i)\bthere\s+(?:is|are)\s+(?:an?\s+)?"), ""),
+                ("drop 'is seen'", re.compile(r"(?i)\s+(?:is|are)\s+(?:seen|noted|present|identified)(?=[.,;])"), "")]
 
 
 def _table_re(keys, case_sensitive):  # a key ends where no word goes on, unless it ends in '/' ('w/')
@@ -282,12 +308,20 @@ def _table_re(keys, case_sensitive):  # a key ends where no word goes on, unless
 
 _EXPAND_CS = _table_re([k for k in ABBREVIATIONS if len(k) == 1], True)
 _EXPAND_CI = _table_re([k for k in ABBREVIATIONS if len(k) > 1], False)
-ABBR_OF = {v: k for k, v in ABBREVIATIONS.items() if k != "pl eff"}
-ABBR_OF.update({"pleural effusions": "PEx", "effusions": "effs", "no acute cardiopulmonary disease": "NAD",
-                "no acute cardiopulmonary abnormality": "NAD", "no acute cardiopulmonary process": "NAD",
-                "no acute disease": "NAD", "bilaterally": "b/l", "left-sided": "L", "right-sided": "R"})
-_ABBREVIATE = re.compile(rf"(?<![\w/-])(?:{any_of(ABBR_OF)})(?![\w/])", re.I)
 _EXPANSION = {k.lower(): v for k, v in ABBREVIATIONS.items()}
+
+
+def _abbreviation_table(family):
+    """{phrase: abbreviation} of one family (None: all); the first abbreviation of a phrase wins (PEx before pl eff)."""
+    table = {}
+    for phrase, abbr in [(v, k) for k, v in ABBREVIATIONS.items()] + _MORE_ABBREVIATED:
+        if family is None or rule_family(abbr) == family:
+            table.setdefault(phrase, abbr)
+    return table, re.compile(rf"(?<![\w/-])(?:{any_of(table)})(?![\w/])", re.I)
+
+
+_ABBREVIATE = {family: _abbreviation_table(family) for family in (None, "train", "eval")}
+ABBR_OF = _ABBREVIATE[None][0]
 
 
 def cap_like(word, at_start):
@@ -295,18 +329,22 @@ def cap_like(word, at_start):
 
 
 def expand_abbreviations(text: str) -> str:
-    """Shorthand -> words: 'Small L pl eff, no PTX.' -> 'Small left pleural effusion, no pneumothorax.'"""
+    """Shorthand -> words: 'Small L pl eff, no PTX.' -> 'Small left pleural effusion, no pneumothorax.'
+    Every abbreviation, whatever its family: the labeler reads all of them."""
     def sub(m):
         at_start = m.start() == 0 or m.string[:m.start()].rstrip().endswith((".", ":"))
         return cap_like(_EXPANSION[m.group().lower()], at_start)
     return _EXPAND_CI.sub(sub, _EXPAND_CS.sub(sub, text))
 
 
-def abbreviate(text: str) -> str:
-    """The reverse: words -> shorthand, and the telegraphic habits of shorthand ('There is no X' -> 'No X')."""
-    text = re.sub(r"(?i)\bthere\s+(?:is|are)\s+(?:an?\s+)?", "", text)
-    text = re.sub(r"(?i)\s+(?:is|are)\s+(?:seen|noted|present|identified)(?=[.,;])", "", text)
-    text = _ABBREVIATE.sub(lambda m: ABBR_OF[" ".join(m.group().lower().split())], text)
+def abbreviate(text: str, family: str | None = None) -> str:
+    """The reverse: words -> shorthand, and the telegraphic habits of shorthand ('There is no X' -> 'No X'),
+    with the rules of one family ('train' | 'eval', see rule_family) or of both (None)."""
+    for key, pattern, replacement in _TELEGRAPHIC:
+        if family is None or rule_family(key) == family:
+            text = pattern.sub(replacement, text)
+    table, pattern = _ABBREVIATE[family]
+    text = pattern.sub(lambda m: table[" ".join(m.group().lower().split())], text)
     return re.sub(r"(^|[.:]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
 
 

@@ -46,8 +46,8 @@ TEXT_ROWS = {"raw LLM (causal, mean pooling)": "raw", "raw LLM, bidirectional": 
              "... without hard negatives": "no_hard_negatives",
              "... latent-attention pooling": "latent_attention", "... last-token pooling": "last_token"}
 TEXT_METRICS = {"acronym R@1": ("acronym", "R@1"), "paraphrase R@1": ("paraphrase", "R@1"),
-                "summarisation R@1": ("summarisation", "R@1"), "error top-1 (chance 25)": ("error", "top1_accuracy"),
-                "clinical label F1": ("clinical", "label_f1")}
+                "summarisation R@1": ("summarisation", "R@1"), "summarisation label R@1": ("summarisation_label", "R@1"),
+                "error top-1": ("error", "top1_accuracy"), "clinical label F1": ("clinical", "label_f1")}
 # stage 2: the training mix and the text encoder; {contrastive} is the same seed's adapted encoder
 MIXES = {"prose": ["clip.train_n=1000", "data.train_styles=[mimic]"],
          "prose+shorthand": ["clip.train_n=2000", "data.train_styles=[mimic,shorthand]"]}
@@ -85,8 +85,9 @@ def sweep(config, seeds, out, extra, log):
         run("evaluate.py", config, common + [f"eval.models=[{','.join(models)}]"], f"{d}/text_eval",
             f"{d}/text_eval/eval/results.json", log)
         with open(os.path.join(ROOT, d, "text_eval", "eval", "results.json")) as f:
-            text = json.load(f)["text"]["models"]
-        found[seed] = {"text": {m: text[path] for m, path in zip(TEXT_ROWS.values(), models)}, "clip": {}}
+            text = json.load(f)["text"]
+        found[seed] = {"text": {m: text["models"][path] for m, path in zip(TEXT_ROWS.values(), models)},
+                       "baselines": text["baselines"], "clip": {}}
         for mix, mix_overrides in MIXES.items():
             for encoder, enc_overrides in ENCODERS.items():
                 run_dir = f"{d}/clip_{mix}_{encoder}"
@@ -122,10 +123,14 @@ def table(header, rows):
 
 
 def text_tables(found):
+    """The encoders' rows, then the baselines' (evaluate.py's, on the same cases): what an encoder must beat."""
     seeds = list(found)
     get = lambda entry, task, metric: [found[s]["text"][entry].get(task, {}).get(metric) for s in seeds]
     rows = [[label] + [cell(get(entry, *tm), 100 if tm[1] == "label_f1" else 1) for tm in TEXT_METRICS.values()]
             for label, entry in TEXT_ROWS.items()]
+    for name in found[seeds[0]].get("baselines", {}):
+        got = lambda task, metric: [found[s]["baselines"].get(name, {}).get(task, {}).get(metric) for s in seeds]
+        rows.append([f"*{name}*"] + [cell(got(*tm), 100 if tm[1] == "label_f1" else 1) for tm in TEXT_METRICS.values()])
     md = table(["text encoder"] + list(TEXT_METRICS), rows)
     kinds = sorted({k for s in seeds for r in found[s]["text"].values() for k in r.get("error", {}).get("per_kind", {})})
     per_kind = [[label] + [cell([found[s]["text"][entry]["error"]["per_kind"].get(k, {}).get("pairwise_accuracy")

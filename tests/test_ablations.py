@@ -13,7 +13,7 @@ spec.loader.exec_module(ablations)
 
 def text_result(acronym, error, kinds):
     return {"acronym": {"R@1": acronym, "n_queries": 40}, "paraphrase": {"R@1": 50.0},
-            "summarisation": {"R@1": 10.0}, "clinical": {"label_f1": 0.5, "n": 30},
+            "summarisation": {"R@1": 10.0}, "summarisation_label": {"R@1": 40.0}, "clinical": {"label_f1": 0.5, "n": 30},
             "error": {"top1_accuracy": error, "n_cases": 30,
                       "per_kind": {k: {"pairwise_accuracy": v} for k, v in kinds.items()}}}
 
@@ -39,7 +39,9 @@ def fake_sweep(monkeypatch, tmp_path):
             models = overrides["eval.models"].strip("[]").split(",")
             res = {m: text_result(60.0 + 10 * seed, 20.0 + seed, {"laterality": 50.0 + seed}) for m in models}
             os.makedirs(os.path.join(out, "eval"))
-            json.dump({"text": {"models": res}}, open(os.path.join(out, "eval", "results.json"), "w"))
+            baselines = {"baseline: TF-IDF": text_result(90.0 + seed, 30.0, {}), "chance": {"error": {"top1_accuracy": 25.0}}}
+            json.dump({"text": {"models": res, "baselines": baselines}},
+                      open(os.path.join(out, "eval", "results.json"), "w"))
         else:
             os.makedirs(os.path.join(out, "clip"))
             r5 = 10.0 * (seed + 1) if overrides["clip.text_encoder"].startswith("raw") else 30.0
@@ -66,7 +68,9 @@ def test_sweep_runs_each_command_once_and_tables_are_mean_and_std(monkeypatch, t
     main, per_kind, _ = ablations.text_tables(found)
     row = next(line for line in main.splitlines() if line.startswith("| + MNTP |"))
     # acronym R@1 60, 70, 80: mean 70, sample std 10; error 20, 21, 22: 21 ± 1; label F1 0.5 -> 50 %
-    assert row == "| + MNTP | 70.0 ± 10.0 | 50.0 ± 0.0 | 10.0 ± 0.0 | 21.0 ± 1.0 | 50.0 ± 0.0 |"
+    assert row == "| + MNTP | 70.0 ± 10.0 | 50.0 ± 0.0 | 10.0 ± 0.0 | 40.0 ± 0.0 | 21.0 ± 1.0 | 50.0 ± 0.0 |"
+    # the baselines of evaluate.py are rows of the same table, below the encoders
+    assert "| *baseline: TF-IDF* | 91.0 ± 1.0 | 50.0 ± 0.0 |" in main and "| *chance* | - | - | - | - | 25.0 ± 0.0 | - |" in main
     assert "| 51.0 ± 1.0 |" in per_kind
     prose = ablations.clip_tables(found)["mimic"].splitlines()[2]
     assert prose.startswith("| prose | raw_bidirectional | 1.0 ± 0.0 | 20.0 ± 10.0 | 20.0 ± 0.0 |")  # R@5 10, 20, 30

@@ -431,13 +431,15 @@ def fake_rules():
     rules.ERROR_KINDS = ["laterality", "severity", "false_negation", "false_finding", "measurement", "device"]
     rules.normalize_for_match = lambda text: " ".join(text.lower().replace(".", "").split())
 
-    def make_variants(report, rng):
+    def make_variants(report, rng, family="train"):
+        assert family == "eval"  # cases never use the rules of stage 1's training variants
         return {"abbreviated": report.text().replace("pneumothorax", "PTX"),
                 "expanded": report.text(), "shuffled": report.impression + " " + report.findings}
 
-    def error_impressions(impression, rng, n=3):
+    def error_impressions(impression, rng, n=3, family="eval", counts=None):
+        assert family == "eval"
         kinds = ["laterality", "severity", "false_negation", "false_finding"][:n]
-        return [f"{impression} ({kind} {rng.random():.3f})" for kind in kinds], kinds
+        return [f"{impression} ({kind} {rng.random():.3f})" for kind in kinds], kinds, ["Pleural Effusion"] * n
 
     rules.make_variants, rules.error_impressions = make_variants, error_impressions
     return rules
@@ -498,7 +500,7 @@ def test_build_text_cases_with_the_real_rules():
 def test_paraphrase_of_a_shared_impression_accepts_every_report_with_it(monkeypatch):
     """An impression-only query rewrites every report with that impression: all are correct answers."""
     rules = fake_rules()
-    monkeypatch.setattr(cases, "make_variants", lambda report, rng: {
+    monkeypatch.setattr(cases, "make_variants", lambda report, rng, family: {
         "impression_only": report.impression})
     monkeypatch.setattr(cases, "error_impressions", rules.error_impressions)
     reports = [FakeReport("a", "Heart normal.", "No acute disease."),
@@ -549,19 +551,26 @@ def test_tfidf_baseline_equals_brute_force():
     assert out["mean_rank"] == pytest.approx(np.mean(ranks))
 
 
-def test_length_baselines_by_hand():
+def test_pick_baselines_by_hand():
     cases_ = [{"findings": "f", "impression": "abc", "wrong": ["abcd", "ab", "abcde"],
                "kinds": ["device", "laterality", "device"]},
               {"findings": "f", "impression": "ab", "wrong": ["abc", "abcd", "xy"],
                "kinds": ["device", "device", "laterality"]},
               {"findings": "f", "impression": "abcdef", "wrong": ["a", "b", "c"]}]
-    shortest, longest = ev.length_baseline(cases_), ev.length_baseline(cases_, longest=True)
+    shortest, longest = (ev.pick_baseline(cases_, ev.PICK_RULES[r]) for r in ("shortest", "longest"))
     # shortest: case 1 "ab" is shorter (0); case 2 ties "xy" at the top (1/2); case 3 longest (0)
     assert shortest["top1_accuracy"] == pytest.approx(100 / 6) and longest["top1_accuracy"] == pytest.approx(100 / 3)
     # pairs: shortest wins 2 + 2.5 + 0 of 9, longest 1 + 0.5 + 3 of 9
     assert shortest["pairwise_accuracy"] == pytest.approx(50) and longest["pairwise_accuracy"] == pytest.approx(50)
     assert shortest["per_kind"]["laterality"] == {"pairwise_accuracy": pytest.approx(25), "n": 2}
     assert shortest["per_kind"]["unspecified"]["pairwise_accuracy"] == 0 and shortest["chance"] == 25
+    # fewest findings: the normal true impression against three abnormal ones wins; against a wrong
+    # one that is normal too it ties (half), and a true abnormal one loses to a normal wrong one
+    normal, effusion, both = "No acute disease.", "Small left pleural effusion.", "Cardiomegaly and effusion."
+    fewest = ev.pick_baseline([{"impression": normal, "wrong": [effusion, both, effusion]},
+                               {"impression": normal, "wrong": ["Lungs are clear.", effusion, both]},
+                               {"impression": effusion, "wrong": [normal, both, both]}], ev.PICK_RULES["fewest findings"])
+    assert fewest["top1_accuracy"] == pytest.approx(100 * (1 + 1 / 2 + 0) / 3)
 
 
 def test_majority_baseline_by_hand():
@@ -665,7 +674,7 @@ def test_command_writes_tables_and_pictures(tiny_run):
     # the baselines are rows of both tables, beside the encoders, and in results.json
     baselines = results["text"]["baselines"]
     assert set(baselines) == {"baseline: TF-IDF", "baseline: shortest", "baseline: longest",
-                              "baseline: majority", "chance"}
+                              "baseline: fewest findings", "baseline: majority", "chance"}
     assert rows.count("baseline: TF-IDF") == 2 and rows.count("baseline: shortest") == 2
     assert rows.count("baseline: majority") == 1 and rows.count("chance") == 1
     assert baselines["chance"]["error"]["top1_accuracy"] == pytest.approx(25)
