@@ -8,6 +8,7 @@ transformers and peft are used here only as references.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -16,14 +17,15 @@ from contextlib import nullcontext
 import torch
 
 import model as M
+from results import results_table
 from synthetic import synth_study
 from weights import load_llm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def timeit(fn, reps=3, warmup=1):
-    """Median seconds of `fn()` over `reps` runs after `warmup` runs."""
+def timeit(fn, reps=3, warmup=1, each=False):
+    """Median seconds of `fn()` over `reps` runs after `warmup` runs (each=True: every run's time)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -35,23 +37,35 @@ def timeit(fn, reps=3, warmup=1):
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times if each else statistics.median(times)
+
+
+def timeit_many(fns: dict, reps=3, warmup=1):
+    """{name: median seconds}, the runs interleaved (a, b, c, a, b, c, ...) so that load from other
+    processes on a shared machine falls on all of them alike."""
+    for fn in fns.values():
+        timeit(fn, 0, warmup, each=True)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name] += timeit(fn, 1, 0, each=True)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def autocast(precision):
     return torch.autocast(DEVICE, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def smollm2_pair():
+def smollm2_pair(dtype=torch.float32):
     """Our LLM and transformers' LlamaForCausalLM with the same SmolLM2-135M weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    ours, tok = load_llm("smollm2", device=DEVICE)
+    ours, tok = load_llm("smollm2", dtype=dtype, device=DEVICE)
     c = ours.config
     ref = LlamaForCausalLM(LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-        tie_word_embeddings=True, attn_implementation="sdpa")).to(DEVICE)
+        tie_word_embeddings=True, attn_implementation="sdpa")).to(DEVICE, dtype)
     ref.load_state_dict(ours.state_dict(), strict=False)
     return ours, ref, tok
 
@@ -133,61 +147,119 @@ def bench_mntp(args):
                  masked_peak_mb=m_m, full_peak_mb=m_f, memory_ratio=m_m / m_f)]
 
 
-def matmul_peak(dtype, n=2048, reps=5):
-    """Measured matmul FLOP/s of this machine: the roof for model FLOPs utilisation."""
-    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
-    return 2 * n ** 3 / timeit(lambda: a @ b, reps)
+def matmul_peak(dtype, reps=5):
+    """This machine's matmul FLOP/s in `dtype`, the roof for model FLOPs utilisation: the best of
+    `reps` timed runs of each of a few square sizes (the best, not the median: the roof)."""
+    sizes = (2048, 4096, 8192) if DEVICE == "cuda" else (512, 1024, 2048)
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
+        best = max(best, *(2 * n ** 3 / t for t in timeit(lambda: a @ b, reps, warmup=2, each=True)))
+    return best
+
+
+def lora_pair(dropout, layers=None, dtype=torch.float32):
+    """Ours and transformers + peft with the same SmolLM2-135M weights, the same LoRA (r 16, alpha 32
+    on q/k/v/o/gate/up/down, the same non-zero adapter weights), both bidirectional as LLM2Vec makes
+    the HF model (no causal mask in any layer)."""
+    from peft import LoraConfig, get_peft_model
+    ours, ref, _ = smollm2_pair(dtype)  # the base in dtype, the adapters fp32 in both
+    ref.config.is_causal = False
+    for m in ref.modules():
+        if hasattr(m, "is_causal"):
+            m.is_causal = False
+    targets = list(M.STAGE1_TARGETS)
+    M.add_lora(ours, targets, r=16, alpha=32, dropout=dropout, layers=layers)
+    ref = get_peft_model(ref, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets,
+                                         layers_to_transform=ours.lora_config["layers_to_transform"]))
+    lora = {k: v for k, v in ours.state_dict().items() if ".lora_" in k}
+    with torch.no_grad():
+        for k, v in lora.items():
+            if ".lora_B" in k:
+                v.normal_(std=0.01)
+    missing = set(lora) - {k.removeprefix("base_model.model.").replace(".default", "") for k in ref.state_dict()}
+    assert not missing, sorted(missing)[:3]
+    ref.load_state_dict({"base_model.model." + k.replace(".weight", ".default.weight"): v for k, v in lora.items()},
+                        strict=False)
+    return ours, ref
 
 
 def bench_train(args):
-    """One MNTP and one contrastive training step (LoRA r16 on q/k/v/o/gate/up/down, bf16 autocast):
-    ours vs transformers + peft with full logits (as LLM2Vec trains), tokens/s and MFU."""
+    """The stage-1 training steps, forward + backward, ours vs transformers + peft
+    (same weights, batch, LoRA; both bidirectional), timed interleaved in one run:
+    - mntp: logits and loss at the masked positions only; the reference as LLM2Vec trains (every
+      logit, then cross-entropy on the masked ones) and, apples to apples, with the same masked head;
+    - contrastive: mean pooling, SupCon loss.
+    LoRA dropout 0 and 0.05; then LoRA on the top `--lora-layers` layers only (ours), where the
+    frozen layers below run without grad. MFU: model FLOPs / the measured matmul peak in that dtype.
+    --dtype bf16 (default): bf16 base weights under bf16 autocast, as configs/small.yaml trains;
+    fp32: fp32 weights, no autocast."""
     import losses
-    from peft import LoraConfig, get_peft_model
-    ours, ref, _ = smollm2_pair()
-    targets = list(M.STAGE1_TARGETS)
-    M.add_lora(ours, targets, r=16, alpha=32, dropout=0.05)
-    ref = get_peft_model(ref, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets))
     B, T = args.batch, args.seq
-    ids, labels = mntp_batch(None, B, T, ours.config.vocab_size)
-    mask = torch.ones_like(ids)
-    groups = torch.arange(B, device=DEVICE) // 2
-
-    def ours_mntp():
-        with autocast("bf16"):
-            loss = losses.mntp_loss(ours(ids, mask, causal=False), labels, ours.lm_head)
-        loss.backward()
-
-    def ref_mntp():
-        with autocast("bf16"):
-            logits = ref(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        loss.backward()
-
-    def ours_contrastive():
-        with autocast("bf16"):
-            h = ours(ids, mask, causal=False)
-            loss = losses.supcon_loss(M.pool(h, mask, "mean").float(), groups, 0.02)
-        loss.backward()
-
-    def ref_contrastive():
-        with autocast("bf16"):
-            h = ref.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            loss = losses.supcon_loss(M.pool(h, mask, "mean").float(), groups, 0.02)
-        loss.backward()
-
-    # model FLOPs per token with a frozen base: forward 2N + backward through activations 2N, plus
-    # attention (QK^T and AV: 4 T d per layer forward, twice that backward)
-    c = ours.config
-    n_matmul = sum(p.numel() for n, p in ours.named_parameters() if n.endswith("proj.weight"))
-    flops_tok = 4 * n_matmul + 12 * T * c.num_attention_heads * c.head_dim * c.num_hidden_layers
-    peak = matmul_peak(torch.bfloat16)
+    precision = args.dtype
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peaks = [matmul_peak(dtype)]
     rows = []
-    for name, mine, theirs in (("mntp", ours_mntp, ref_mntp), ("contrastive", ours_contrastive, ref_contrastive)):
-        t_ours, t_ref = timeit(mine, args.reps), timeit(theirs, args.reps)
-        rows.append(dict(bench="train_step", stage=name, ours_tok_s=B * T / t_ours, ref_tok_s=B * T / t_ref,
-                         ratio=t_ref / t_ours, mfu_ours=flops_tok * B * T / t_ours / peak,
-                         bf16_peak_tflops=peak / 1e12))
+    for dropout, layers in ((0.0, None), (0.05, None), (0.05, args.lora_layers)):
+        ours, ref = lora_pair(dropout, layers, dtype)
+        c = ours.config
+        ids, labels = mntp_batch(None, B, T, c.vocab_size)
+        mask = torch.ones_like(ids)
+        groups = torch.arange(B, device=DEVICE) // 2
+        ref_llm, ref_head = ref.base_model.model.model, ref.base_model.model.lm_head
+        ours.eval(), ref.eval()
+        with torch.no_grad():  # the two compute the same function: max |diff| / max |h|
+            h, h_ref = ours(ids, mask, causal=False), ref_llm(input_ids=ids, attention_mask=mask).last_hidden_state
+            same = (h - h_ref).abs().max() / h_ref.abs().max()
+        ours.train(), ref.train()  # as in training: LoRA dropout on where p > 0
+
+        def step(model, loss_fn):
+            def run():
+                with autocast(precision):
+                    loss = loss_fn()
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+            return run
+
+        def full_logits():  # LLM2Vec: every logit, then cross-entropy on the masked ones
+            logits = ref(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+        steps = {
+            "mntp": (step(ours, lambda: losses.mntp_loss(ours(ids, mask, causal=False), labels, ours.lm_head)),
+                     dict(ref_masked_head=step(ref, lambda: losses.mntp_loss(
+                         ref_llm(input_ids=ids, attention_mask=mask).last_hidden_state, labels, ref_head)),
+                          ref_llm2vec_full_logits=step(ref, full_logits))),
+            "contrastive": (step(ours, lambda: losses.supcon_loss(M.pool(ours(ids, mask, causal=False), mask, "mean")
+                                                                  .float(), groups, 0.02)),
+                            dict(ref=step(ref, lambda: losses.supcon_loss(M.pool(
+                                ref_llm(input_ids=ids, attention_mask=mask).last_hidden_state, mask, "mean").float(),
+                                groups, 0.02)))),
+        }
+        # model FLOPs per token, base frozen: forward 2N, backward to the activations 2N (only above
+        # the first adapted layer), attention QK^T and AV 4 T d per layer forward, twice that backward;
+        # MNTP adds the LM head on the masked fraction of tokens
+        first = ours.first_trainable_layer()
+        per_layer = [sum(p.numel() for n, p in blk.named_parameters() if n.endswith("proj.weight"))
+                     + 2 * T * c.num_attention_heads * c.head_dim for blk in ours.model.layers]
+        flops_tok = 2 * sum(per_layer) + 2 * sum(per_layer[first:])
+        head = 4 * c.vocab_size * c.hidden_size * (labels[:, 1:] != -100).float().mean().item()
+        for stage, (mine, refs) in steps.items():
+            times = timeit_many({"ours": mine, **refs}, args.reps)
+            flops = flops_tok + (head if stage == "mntp" else 0)
+            row = dict(bench="train_step", stage=stage, dtype=precision, lora_dropout=dropout,
+                       lora_layers=layers or c.num_hidden_layers, tokens=B * T, ours_tok_s=B * T / times["ours"],
+                       model_tflops_s=flops * B * T / times["ours"] / 1e12,
+                       hidden_rel_diff=same.item(), ours_peak_mb=peak_rss_mb(mine))
+            for name in refs:
+                row[f"ratio_vs_{name}"] = times[name] / times["ours"]
+            if layers is None:
+                row["ref_peak_mb"] = peak_rss_mb(next(iter(refs.values())))
+            rows.append(row)
+        del ours, ref
+        peaks.append(matmul_peak(dtype))  # again after each part: the machine's load may change
+    for row in rows:
+        row["mfu_ours"], row["peak_tflops"] = row["model_tflops_s"] * 1e12 / max(peaks), max(peaks) / 1e12
     return rows
 
 
@@ -235,6 +307,8 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="train: the base weights and compute")
+    p.add_argument("--lora-layers", type=int, default=8, help="train: LoRA on the top N layers only, too")
     p.add_argument("--synthetic-n", type=int, default=10_000)
     p.add_argument("--out", default="bench_results.json")
     args = p.parse_args()
@@ -250,6 +324,14 @@ def main():
         rows += new
     with open(args.out, "w") as f:
         json.dump(dict(device=DEVICE, torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f, indent=1)
+    tables = [f"# bench.py on {DEVICE}, torch {torch.__version__}, {torch.get_num_threads()} threads\n"]
+    for name in dict.fromkeys(r["bench"] for r in rows):  # a Markdown table per benchmark, a row per run
+        mine = [{k: v for k, v in r.items() if k != "bench"} for r in rows if r["bench"] == name]
+        tables.append(f"## {name}\n\n" + results_table({str(i + 1): r for i, r in enumerate(mine)}))
+    md = os.path.splitext(args.out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write("\n".join(tables))
+    print("\n".join(tables), f"written: {args.out}, {md}", sep="\n")
 
 
 if __name__ == "__main__":

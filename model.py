@@ -25,6 +25,8 @@ map one to one:
     h = llm(input_ids, attention_mask, causal=False)   # (B, T, d) last hidden states
 """
 import math
+import re
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -127,9 +129,9 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x_i, x_{i+d/2}) by the position angle; x: (B, nh, T, hd), cos/sin: (B, 1, T, hd)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate pairs (x_i, x_{i+d/2}) by the position angle; x: (B, nh, T, hd), cos/sin: (B, 1, T, hd),
+    sin with its first half negated: roll(x) * sin = (-x2, x1) * sin, one kernel instead of three."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -232,24 +234,39 @@ class LLM(nn.Module):
                     nn.init.zeros_(m.bias)
         return self
 
+    def first_trainable_layer(self):
+        """Index of the lowest block with a parameter that trains (0 if the embeddings train, the
+        number of blocks if none does). Blocks below it run under no_grad: with LoRA on the top k
+        layers they keep no activations, and backward stops where the adapters start."""
+        if self.model.embed_tokens.weight.requires_grad:
+            return 0
+        trains = [any(p.requires_grad for p in block.parameters()) for block in self.model.layers]
+        return trains.index(True) if True in trains else len(trains)
+
     def forward(self, input_ids, attention_mask=None, causal=True):
         cfg = self.config
-        x = self.model.embed_tokens(input_ids)                            # (B, T, d)
+        first = self.first_trainable_layer() if torch.is_grad_enabled() else 0
+        with torch.no_grad() if first > 0 else nullcontext():
+            x = self.model.embed_tokens(input_ids)                        # (B, T, d)
         if attention_mask is None:
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         else:  # positions count real tokens only, so left- and right-padded batches agree
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # cos/sin once per forward, shared by all blocks
         angles = pos[:, None, :, None].float() * self.inv_freq            # (B, 1, T, hd/2)
-        angles = torch.cat((angles, angles), dim=-1)                      # (B, 1, T, hd)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(x.dtype)  # (B, 1, T, hd)
+        sin = torch.cat((-angles.sin(), angles.sin()), dim=-1).to(x.dtype)  # signed for apply_rope
         T = input_ids.shape[1]
         window = cfg.sliding_window if causal and 0 < cfg.sliding_window < T else 0
         if window and attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask_4d(attention_mask, causal, window)
         is_causal = causal and mask is None
-        for block in self.model.layers:
-            if self.gradient_checkpointing and self.training:
+        for i, block in enumerate(self.model.layers):
+            if i < first:      # frozen prefix: same values, no graph (see first_trainable_layer)
+                with torch.no_grad():
+                    x = block(x, cos, sin, mask, is_causal)
+            elif self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, mask, is_causal, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, is_causal)
@@ -344,29 +361,45 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # p=0 costs nothing
         self.scaling = alpha / r
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if not torch.is_autocast_enabled(x.device.type):  # autocast casts for us; else bf16 x meets fp32 A
             x = x.to(self.lora_A.weight.dtype)
-        return y + (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(y.dtype)
+        # scaling on the rank-r activations (B, T, r): r/out of the cost of scaling the update
+        return y + self.lora_B(self.lora_A(self.dropout(x)) * self.scaling).to(y.dtype)
 
 
-def add_lora(model: nn.Module, targets=STAGE1_TARGETS, r=16, alpha=32, dropout=0.05):
-    """Wrap every nn.Linear whose name ends in a target with LoRA; freeze everything else."""
+def layer_index(name):
+    """The decoder-layer number in a module name (`model.layers.7.mlp.up_proj` -> 7), else None;
+    the same rule as PEFT's `layers_to_transform` (the last `<name>.<number>.` in the path)."""
+    m = re.match(r"(?:.*\.)?[^.]+\.(\d+)\.", name + ".")
+    return int(m.group(1)) if m else None
+
+
+def add_lora(model: nn.Module, targets=STAGE1_TARGETS, r=16, alpha=32, dropout=0.05, layers=None):
+    """Wrap every nn.Linear whose name ends in a target with LoRA; freeze everything else.
+    layers=k: only in the top k decoder layers (None or 0: all), recorded as PEFT's
+    `layers_to_transform`. The frozen layers below then run without grad (LLM.forward)."""
     for p in model.parameters():
         p.requires_grad_(False)
+    depth = 1 + max((i for n, _ in model.named_modules() if (i := layer_index(n)) is not None), default=-1)
+    if layers and not 0 < layers <= depth:
+        raise ValueError(f"LoRA on the top {layers} layers, but the model has {depth}")
+    keep = list(range(depth - layers, depth)) if layers else None
     wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in targets and type(child) is nn.Linear:
+            full = f"{name}.{child_name}" if name else child_name
+            if child_name in targets and type(child) is nn.Linear and (keep is None or layer_index(full) in keep):
                 setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
-                wrapped.append(f"{name}.{child_name}" if name else child_name)
+                wrapped.append(full)
     if not wrapped:
         raise ValueError(f"no nn.Linear named any of {list(targets)} found for LoRA")
-    model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(set(targets)))
+    model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(set(targets)),
+                             layers_to_transform=keep)
     return model
 
 

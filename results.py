@@ -4,6 +4,7 @@ with pillow (no plotting library needed)."""
 import base64
 import io
 import json
+import math
 import os
 import re
 import textwrap
@@ -137,30 +138,87 @@ def slug(name):
 # Loss curves
 # ---------------------------------------------------------------------------------------------
 
-def plot_losses(log_paths: dict, png_path: str, size=(720, 400)):
-    """Loss against step for each stage, drawn with pillow (no plotting library needed)."""
-    from PIL import Image, ImageDraw
+PLOT_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]  # one per stage
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    raw = (hi - lo) / n
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [round(k * step, 12) for k in range(first, last + 1)]
+
+
+def smooth(values, frac=0.05):
+    """Exponential moving average over about frac of the points, bias-corrected at the start (as
+    TensorBoard), so the first points are not pulled towards zero."""
+    beta = 1 - 1 / max(1.0, frac * len(values))
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** (i + 1)) if beta > 0 else v)
+    return out
+
+
+def _text(draw, xy, text, font, anchor="la", fill="black"):
+    """draw.text at an anchor (l/m/r, a/m/d) for any font: Pillow < 10.1's bitmap font takes no `anchor`."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    dx = {"l": 0, "m": (right - left) / 2, "r": right - left}[anchor[0]]
+    dy = {"a": 0, "m": (bottom - top) / 2, "d": bottom - top}[anchor[1]]
+    draw.text((xy[0] - dx - left, xy[1] - dy - top), text, fill=fill, font=font)
+
+
+def plot_losses(log_paths: dict, png_path: str, size=(800, 450), title="training loss"):
+    """Loss against step, one curve per stage ({stage: its log.jsonl}) on shared axes: the raw
+    loss light, its moving average dark. Drawn with pillow (no plotting library needed)."""
+    curves = []
+    for name, path in log_paths.items():
+        recs = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+        pts = [(r["step"], r["loss"]) for r in recs if math.isfinite(r.get("loss", math.nan))]
+        if pts:
+            curves.append((name, pts))
+    W, H = size
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    W, H, pad = size[0], size[1], 40
-    panels = [(n, [json.loads(l) for l in open(p)]) for n, p in log_paths.items() if os.path.exists(p)]
-    panels = [(n, recs) for n, recs in panels if recs]
-    width = (W - pad) // max(1, len(panels))
-    for k, (name, recs) in enumerate(panels):
-        steps, losses = [r["step"] for r in recs], [r["loss"] for r in recs]
-        x0, x1, y0, y1 = pad + k * width, pad + (k + 1) * width - 10, pad, H - pad
-        lo, hi = min(losses), max(losses)
-        hi = hi if hi > lo else lo + 1
-        draw.rectangle([x0, y0, x1, y1], outline="black")
-        pts = [(x0 + (x1 - x0) * (s - steps[0]) / max(1, steps[-1] - steps[0]), y1 - (y1 - y0) * (v - lo) / (hi - lo))
-               for s, v in zip(steps, losses)]
-        if len(pts) > 1:
-            draw.line(pts, fill=colors[k % len(colors)], width=2)
-        draw.text((x0 + 4, y0 - 14), f"{name} loss", fill="black")
-        draw.text((x0 + 4, y0 + 2), f"{hi:.3g}", fill="gray")
-        draw.text((x0 + 4, y1 - 12), f"{lo:.3g}", fill="gray")
-        draw.text((x1 - 60, y1 + 4), f"step {steps[-1]}", fill="gray")
+    font, big = _font(12), _font(16)
+    left, right, top, bottom = 70, W - 20, 40, H - 50                    # the plot area
+    _text(draw, (W / 2, 10), title, big, "ma")
+    if not curves:
+        _text(draw, (W / 2, H / 2), "no losses logged", font, "mm", "gray")
+        atomic_write(png_path, lambda p: img.save(p, format="PNG"))
+        return
+    xs = nice_ticks(min(s for _, pts in curves for s, _ in pts), max(s for _, pts in curves for s, _ in pts))
+    ys = nice_ticks(min(v for _, pts in curves for _, v in pts), max(v for _, pts in curves for _, v in pts))
+    px = lambda s: left + (right - left) * (s - xs[0]) / (xs[-1] - xs[0])
+    py = lambda v: bottom - (bottom - top) * (v - ys[0]) / (ys[-1] - ys[0])
+    for s in xs:
+        draw.line([(px(s), top), (px(s), bottom)], fill="#eeeeee")
+        draw.line([(px(s), bottom), (px(s), bottom + 4)], fill="black")
+        _text(draw, (px(s), bottom + 6), f"{s:g}", font, "ma")
+    for v in ys:
+        draw.line([(left, py(v)), (right, py(v))], fill="#eeeeee")
+        draw.line([(left - 4, py(v)), (left, py(v))], fill="black")
+        _text(draw, (left - 6, py(v)), f"{v:g}", font, "rm")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    _text(draw, ((left + right) / 2, H - 8), "step", font, "md")
+    label = Image.new("RGB", (40, 16), "white")
+    _text(ImageDraw.Draw(label), (20, 8), "loss", font, "mm")
+    img.paste(label.rotate(90, expand=True), (4, (top + bottom) // 2 - 20))
+    for k, (name, pts) in enumerate(curves):
+        rgb = PLOT_COLORS[k % len(PLOT_COLORS)]
+        light = tuple(c + (255 - c) * 3 // 5 for c in rgb)               # the raw loss, 60% towards white
+        steps, losses = zip(*pts)
+        for values, fill, width in ((losses, light, 1), (smooth(losses), rgb, 2)):
+            line = [(px(s), py(v)) for s, v in zip(steps, values)]
+            draw.line(line + line[-1:], fill=fill, width=width, joint="curve")  # 1 point: a dot
+    draw.rectangle([right - 130, top + 1, right - 1, top + 8 + 18 * len(curves)], fill="white", outline="#cccccc")
+    for k, (name, _) in enumerate(curves):                               # the legend, top right
+        y = top + 13 + 18 * k
+        draw.line([(right - 120, y), (right - 100, y)], fill=PLOT_COLORS[k % len(PLOT_COLORS)], width=3)
+        _text(draw, (right - 94, y), name, font, "lm")
     atomic_write(png_path, lambda p: img.save(p, format="PNG"))
 
 

@@ -70,6 +70,8 @@ class TextConfig:
     lora_r: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.05
+    lora_layers: int = 0           # LoRA on the top N decoder layers only (0: all): the layers below run without
+                                   # autograd, so backward stops early and keeps no activations for them
     mntp: StageConfig = field(default_factory=StageConfig)
     contrastive: StageConfig = field(default_factory=StageConfig)
     mask_prob: float = 0.2         # MNTP: 20% masked (80% mask token, 10% random, 10% kept)
@@ -92,7 +94,6 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     resume: str = "auto"           # auto: continue from the last checkpoint in out_dir | none
-    max_nan_steps: int = 0         # consecutive non-finite losses tolerated before stopping
 
 
 @dataclass
@@ -517,7 +518,8 @@ def resume_config(cfg: Config, stage: "StageConfig") -> dict:
         shape["data.image_size"] = cfg.data.image_size
     else:
         shape = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()}
-        shape |= {f"text.{k}": getattr(cfg.text, k) for k in ("init", "lora", "lora_r", "lora_alpha", "lora_dropout")}
+        shape |= {f"text.{k}": getattr(cfg.text, k) for k in ("init", "lora", "lora_r", "lora_alpha", "lora_dropout",
+                                                            "lora_layers")}
     return {"seed": cfg.seed} | shape | {f"{key}.{k}": v for k, v in dataclasses.asdict(stage).items() if k != "lr"}
 
 

@@ -13,7 +13,7 @@
    with a fresh LoRA and the pooler trained.
 `text.init=runs/x/text` starts from an earlier run's encoder instead of the raw LLM (one MNTP run
 feeding several contrastive ablations, as configs/ablations.py does).
-Each stage ends with a short held-out evaluation (acronym and paraphrase retrieval, error
+Before and after training, a short held-out evaluation (acronym and paraphrase retrieval, error
 discrimination; beside TF-IDF's scores, written to out_dir/text/eval.json). The
 encoder is written to `out_dir/text/encoder.json` (base model or init run + adapters, in order), which
 train_clip.py and evaluate.py load with `encoders.load_text_encoder`.
@@ -24,12 +24,14 @@ import os
 import random
 import sys
 
+from tqdm import tqdm
+
 import data
 import evaluate
 import losses
 import model as M
 from cases import build_text_cases
-from encoders import build_llm, load_text_encoder, make_embed, pad_id, save_stage
+from encoders import build_llm, embed_each_once, load_text_encoder, make_embed, pad_id, save_stage
 from results import plot_losses
 from runtime import EndlessBatches, load_config, save_config, setup, train_loop, write_text
 
@@ -37,14 +39,15 @@ from runtime import EndlessBatches, load_config, save_config, setup, train_loop,
 # Model
 # ---------------------------------------------------------------------------------------------
 
-def held_out_eval(embed, reports, cfg):
-    """Acronym and paraphrase retrieval and error discrimination on held-out reports (evaluate.py's
-    tasks and cases) for embed(texts) -> (N, d): the encoder's,
-    or the TF-IDF baseline's."""
-    cases = build_text_cases(reports[:cfg.text.eval_reports], random.Random(cfg.seed))
-    metric = {"acronym": "R@1", "paraphrase": "R@1", "error": "top1_accuracy"}
-    res = evaluate.evaluate_text_tasks(embed, {k: v for k, v in cases.items() if k in metric})
-    return {f"{task}_{metric[task]}": res[task][metric[task]] for task in metric if task in res}
+HELD_OUT = {"acronym": "R@1", "paraphrase": "R@1", "error": "top1_accuracy"}  # task -> the number shown
+
+
+def held_out_eval(embed, cases, name):
+    """Acronym and paraphrase retrieval and error discrimination on the held-out cases (evaluate.py's
+    tasks, built from text.eval_reports val reports) for embed(texts) -> (N, d): the encoder's, or the
+    TF-IDF baseline's. Each distinct text is embedded once, shortest first, with a progress bar."""
+    res = evaluate.evaluate_text_tasks(embed_each_once(embed, name, batch_size=32), cases)
+    return {f"{task}_{metric}": res[task][metric] for task, metric in HELD_OUT.items() if task in res}
 
 
 def start_from(cfg, out, device):
@@ -104,8 +107,14 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     if env.is_main:
         save_config(cfg, os.path.join(out, "config.yaml"))
+    starting = tqdm(total=2, desc="loading reports", bar_format="{desc} ({n}/{total}, {elapsed})",
+                    disable=not env.is_main)  # shown from the first second: reading and dequantising take a while
     reports = data.load_reports(cfg)
+    starting.set_description_str(f"loading {cfg.model.path}")
+    starting.update()
     llm, tokenizer, init = start_from(cfg, out, env.device)
+    starting.update()
+    starting.close()
     adapters = []
     check_config(cfg, llm)
     llm.gradient_checkpointing = cfg.train.grad_checkpointing
@@ -113,16 +122,19 @@ def main(argv):
     encoder = M.TextEncoder(llm, cfg.model.pooling, cfg.model.num_latents).to(env.device)
     embed = lambda: make_embed(encoder, tokenizer, cfg.model, env.precision)
     if env.is_main:  # the val reports that occur in training are dropped (data.load_reports)
+        cases = build_text_cases(reports["val"][:t.eval_reports], random.Random(cfg.seed))
+        cases = {task: c for task, c in cases.items() if task in HELD_OUT}
         tfidf = evaluate.tfidf_embed([r.text() for r in reports["train"]])
-        results = {"overlap": reports["overlap"], "baseline: TF-IDF": held_out_eval(tfidf, reports["val"], cfg),
-                   "before": held_out_eval(embed(), reports["val"], cfg)}
+        results = {"overlap": reports["overlap"],
+                   "baseline: TF-IDF": held_out_eval(tfidf, cases, "TF-IDF, held-out"),
+                   "before": held_out_eval(embed(), cases, "before training, held-out")}
     else:
         results = {}
 
     for stage in t.stages:
         run_dir = os.path.join(out, stage)
         if t.lora:
-            M.add_lora(llm, M.STAGE1_TARGETS, t.lora_r, t.lora_alpha, t.lora_dropout)
+            M.add_lora(llm, M.STAGE1_TARGETS, t.lora_r, t.lora_alpha, t.lora_dropout, layers=t.lora_layers or None)
         else:
             llm.requires_grad_(True)
         if stage == "mntp":
@@ -150,9 +162,10 @@ def main(argv):
             train_loop("contrastive", encoder, loss_fn, EndlessBatches(batches, env), t.contrastive, cfg, env, run_dir)
         if env.is_main:
             adapters.append(save_stage(encoder, run_dir, t.lora))
-            results[stage] = held_out_eval(embed(), reports["val"], cfg)
-            print(f"{stage}: held-out {results[stage]} (before training: {results['before']}; "
-                  f"TF-IDF: {results['baseline: TF-IDF']})")
+            if stage == t.stages[-1]:  # the earlier stages' encoders: evaluate.py scores any saved run
+                results[stage] = held_out_eval(embed(), cases, f"after {stage}, held-out")
+                print(f"{stage}: held-out {results[stage]} (before training: {results['before']}; "
+                      f"TF-IDF: {results['baseline: TF-IDF']})")
         if t.lora:
             M.merge_lora(llm)  # LLM2Vec: merge, then the next stage trains a fresh adapter
         llm.requires_grad_(False)

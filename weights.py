@@ -272,7 +272,8 @@ def save_adapter(model: nn.Module, folder: str, base_model: str = ""):
     c = model.lora_config
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
               "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
-              "target_modules": c["target_modules"], "use_rslora": False, "bias": "none",
+              "target_modules": c["target_modules"], "layers_to_transform": c.get("layers_to_transform"),
+              "use_rslora": False, "bias": "none",
               "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
     atomic_write(os.path.join(folder, "adapter_model.safetensors"), lambda p: save_file(tensors, p))
     atomic_write(os.path.join(folder, "adapter_config.json"), lambda p: open(p, "w").write(json.dumps(config, indent=2)))
@@ -291,7 +292,14 @@ def load_adapter(model: nn.Module, folder: str, dropout=None):
         raise ValueError(f"unsupported adapter in {folder!r}: only plain LoRA (no DoRA, rsLoRA or per-layer ranks)")
     targets = c["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
-    add_lora(model, targets, c["r"], c["lora_alpha"], c["lora_dropout"] if dropout is None else dropout)
+    layers = c.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if layers and (depth is None or sorted(layers) != list(range(depth - len(layers), depth))):
+        raise ValueError(f"unsupported adapter in {folder!r}: LoRA on layers {layers}; only the top layers of the "
+                         f"model (a contiguous range ending at layer {depth and depth - 1}) are supported")
+    add_lora(model, targets, c["r"], c["lora_alpha"], c["lora_dropout"] if dropout is None else dropout,
+             layers=len(layers) if layers else None)
     state = {}
     for k, v in load_file(weights_path).items():
         k = k.removeprefix(PEFT_PREFIX).replace(".default.", ".")
