@@ -1,6 +1,7 @@
 """The cases of the report-understanding tasks (Ko et al. 2025, arXiv 2509.15234, sec. 3): built from
 held-out reports with variants.py's rewrites and errors, or read from JSONL files you prepared;
-evaluate.py scores them and writes the cases it used back out (write_cases_jsonl).
+evaluate.py scores those of cases_for_config (built from the test split, or your eval.cases files) and
+writes the cases it used back out (write_cases_jsonl).
 
 - acronym: an abbreviated report -> its expanded text (Recall@k over all expanded texts);
 - paraphrase: a restyled and reworded report -> the report;
@@ -16,6 +17,7 @@ of findings tells the true impression apart. Read every task beside its baseline
 """
 import json
 import os
+import random
 
 from reports import label_report, normalize_for_match
 from runtime import atomic_write
@@ -87,6 +89,21 @@ def build_text_cases(reports, rng, n=None):
                 cases["error"].append({"findings": report.findings, "impression": report.impression,
                                        "wrong": errors[0], "kinds": errors[1], "changed": errors[2]})
     return cases
+
+
+def cases_for_config(cfg, reports):
+    """{task: [case]} from the test split of data.source (eval.max_reports of them, 0 = all; reports:
+    data.load_reports), each task replaced by its eval.cases file where given; and {task: where its
+    cases came from}."""
+    cases = {task: [] for task in CASE_KEYS}
+    source = f"the {cfg.data.source} test split"
+    if set(cfg.eval.cases) != set(CASE_KEYS):
+        reports = reports["test"]
+        cases = build_text_cases(reports, random.Random(cfg.seed), cfg.eval.max_reports or None)
+        source += f" ({min(len(reports), cfg.eval.max_reports or len(reports))} reports)"
+    for task, path in cfg.eval.cases.items():
+        cases[task] = read_cases_jsonl(path, task)
+    return cases, {task: cfg.eval.cases.get(task, source) for task in cases}
 
 
 def read_cases_jsonl(path, task):

@@ -31,7 +31,6 @@ import functools
 import json
 import math
 import os
-import random
 import re
 import sys
 import time
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from cases import CASE_KEYS, build_text_cases, read_cases_jsonl, write_cases_jsonl
+from cases import CASE_KEYS, cases_for_config, write_cases_jsonl
 from encoders import RAW_ENCODERS, embed_each_once, load_clip_model, make_embed, text_dir_of, text_source
 from reports import label_report, normalize_for_match
 from phrasings import ZERO_SHOT_PROMPTS
@@ -497,21 +496,6 @@ def check_eval_config(cfg):
         raise ValueError(f"eval.merge must be one of {', '.join(MERGE_NOTES)}, got {e.merge!r}")
 
 
-def text_cases(cfg, reports):
-    """{task: [case]} from the test split of data.source (eval.max_reports of them, 0 = all; reports:
-    data.load_reports), each task replaced by its eval.cases file where given; and {task: where its
-    cases came from}."""
-    cases = {task: [] for task in CASE_KEYS}
-    source = f"the {cfg.data.source} test split"
-    if set(cfg.eval.cases) != set(CASE_KEYS):
-        reports = reports["test"]
-        cases = build_text_cases(reports, random.Random(cfg.seed), cfg.eval.max_reports or None)
-        source += f" ({min(len(reports), cfg.eval.max_reports or len(reports))} reports)"
-    for task, path in cfg.eval.cases.items():
-        cases[task] = read_cases_jsonl(path, task)
-    return cases, {task: cfg.eval.cases.get(task, source) for task in cases}
-
-
 def merged_gallery(answers, keys):
     """One gallery entry per key (its first answer), as text_retrieval_task ranks them."""
     first = {}
@@ -608,7 +592,7 @@ def main(argv):
 
     # 1. text encoders: the same cases and the same sampled queries for every model, and the baselines
     reports = data.load_reports(cfg)
-    cases, sources = text_cases(cfg, reports)
+    cases, sources = cases_for_config(cfg, reports)
     print(f"cases written to {out_dir / 'cases'}/:", ", ".join(write_cases_jsonl(cases, out_dir / "cases")))
     n_summ = len(cases["summarisation"])
     examples = sorted(np.random.default_rng(cfg.seed).choice(n_summ, min(e.n_examples, n_summ),
