@@ -6,7 +6,8 @@
 
 1. The LLM runs bidirectionally (no causal mask; LLM2Vec).
 2. MNTP: 20% of report tokens masked, each predicted from the state one position before it,
-   through the LM head, with LoRA on all seven projections. The adapter is then merged.
+   through the LM head, with LoRA on all seven projections (of the top text.lora_layers layers;
+   0: every layer). The adapter is then merged.
 3. Contrastive: K clinically equivalent variants of each report (abbreviated, shuffled, impression
    only, ...) are positives, every other report in the batch a negative, plus error-injected hard
    negatives and findings -> impression pairs; supervised contrastive loss at temperature 0.02,
