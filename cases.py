@@ -19,7 +19,7 @@ import json
 import os
 import random
 
-from reports import label_report, normalize_for_match
+from reports import normalize_for_match, positive_findings
 from runtime import atomic_write
 from variants import error_impressions, make_variants, reword
 
@@ -59,7 +59,7 @@ def build_text_cases(reports, rng, n=None):
             if variants.get(style):
                 rewrites.setdefault((style, content(report, variants, style)), set()).add(
                     normalize_for_match(report.text()))
-    normal = lambda report: not any(v == 1 for o, v in label_report(report.impression).items() if o != "No Finding")
+    normal = lambda report: not positive_findings(report.impression)
     with_pair = [r for r in reports if r.findings and r.impression]
     normal_left = int(NORMAL_SHARE / (1 - NORMAL_SHARE) * sum(not normal(r) for r in with_pair))
     counts = {}  # kinds (and lengths) of the wrong impressions so far, which error_impressions balances

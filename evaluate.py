@@ -46,7 +46,7 @@ from tqdm import tqdm
 import data
 from cases import CASE_KEYS, cases_for_config, write_cases_jsonl
 from encoders import RAW_ENCODERS, embed_each_once, load_clip_model, make_embed, text_dir_of, text_source
-from reports import label_report, normalize_for_match
+from reports import label_report, normalize_for_match, positive_findings
 from phrasings import ZERO_SHOT_PROMPTS
 from results import contact_sheet, eval_markdown, retrieval_html, slug
 from runtime import Env, atomic_write, load_config, setup, write_text
@@ -400,7 +400,7 @@ def pick_baseline(cases, score):
 
 
 PICK_RULES = {"shortest": lambda text: -len(text), "longest": len,  # the rules an error set must defeat
-              "fewest findings": lambda text: -sum(v == 1 for k, v in label_report(text).items() if k != "No Finding")}
+              "fewest findings": lambda text: -len(positive_findings(text))}
 
 
 def majority_baseline(train_impressions, cases, label_fn=label_report, max_reports=5000):

@@ -502,6 +502,11 @@ def label_report(text: str) -> dict[str, int]:
     return _aggregate([m for s in sentences(normalize_report(text)) for m in mentions(s)])
 
 
+def positive_findings(text: str) -> set[str]:
+    """The observations a report states as present ("No Finding" aside): empty for a normal report."""
+    return {o for o, v in label_report(text).items() if v == 1 and o != "No Finding"}
+
+
 _SIDES = by_word({"left": "left", "right": "right",
                    "bilateral": "bilateral|bilaterally|both|bibasilar|bibasal|biapical"})
 _SEVERITY = by_word({"minimal": "minimal|minimally", "trace": "trace", "tiny": "tiny", "small": "small",

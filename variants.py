@@ -26,7 +26,7 @@ from phrasings import (DEVICE_MOVES, DEVICE_SENTENCES, MERGES, NEGATED, PARTITIO
                        SEVERITY_ADDED, SEVERITY_SWAP, SWAP_SIDE, WORDINGS)
 from reports import (CHEXPERT_LABELS, LABEL_HEADER_RE, MEASURE, Report, abbreviate, any_of, cap_like,
                      expand_abbreviations, extract_attributes, label_report, mentions, normalize_for_match,
-                     normalize_report, rule_family, sentences)
+                     normalize_report, positive_findings, rule_family, sentences)
 
 # ---------------------------------------------------------------------------------------------
 # Clinically equivalent variants (positives)
@@ -317,7 +317,7 @@ def error_impressions(impression: str, rng, n: int = 3, family: str = "eval", co
     findings" wins), and the least used k that the kinds allow (else "pick the shortest" wins).
     (wrong texts, their kinds, the observation each changed) or None."""
     rng, counts = _as_random(rng), {} if counts is None else counts
-    abnormal = any(v == 1 for o, v in label_report(impression).items() if o != "No Finding")
+    abnormal = bool(positive_findings(impression))
     kinds = list(ERROR_KINDS)
     rng.shuffle(kinds)
     # abnormal: a denial first, then changes, additions last; within each, the least used kinds
