@@ -29,7 +29,7 @@ from PIL import Image
 import synthetic
 from reports import Report, normalize_for_match, normalize_report, split_of
 from reports import read_chexpert_plus, read_mimic, openi_archive_path, read_openi, read_pairs
-from variants import ERROR_KINDS, inject_error, make_variants
+from variants import ERROR_KINDS, inject_error, make_variants, unseen_edits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,8 +268,9 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         for j in self.order[index * self.per_batch:(index + 1) * self.per_batch]:
             report = self.reports[j]
             pool = [normalize_report(report.text())] + list(make_variants(report, rng).values())
-            rows += [(t, self.instruction, j, False) for t in rng.sample(pool, min(self.k, len(pool)))]
-            rows += self.hard_negative(pool[0], -1 - j, rng)
+            chosen = rng.sample(pool, min(self.k, len(pool)))
+            rows += [(t, self.instruction, j, False) for t in chosen]
+            rows += self.hard_negative(pool[0], -1 - j, rng, chosen)
             if report.findings and report.impression and rng.random() < self.summarize_share:
                 impression, pair = normalize_report(report.impression), len(self.reports) + j
                 rows += [(normalize_report(report.findings), self.summarize_instruction, pair, False),
@@ -278,9 +279,14 @@ class ContrastiveBatches(torch.utils.data.Dataset):
                 rows += self.hard_negative(impression, -1 - pair, rng)
         return rows
 
-    def hard_negative(self, text, source, rng):
-        """With probability hard_negative_share, one row: text with an error of a random kind."""
+    def hard_negative(self, text, source, rng, chosen=()):
+        """With probability hard_negative_share, one row: where two chosen variants differ in words (abbreviated
+        and expanded, reworded), the second changed only where the first rewrote it (variants.unseen_edits:
+        only reading the rewritten words tells them apart); else text with an error of a random kind."""
         if rng.random() < self.hard_negative_share:
+            edits = unseen_edits(chosen[1], chosen[0], rng) if len(chosen) > 1 else []
+            if edits:
+                return [(rng.choice(edits)[0], self.instruction, source, True)]
             for kind in rng.sample(ERROR_KINDS, len(ERROR_KINDS)):
                 wrong = inject_error(text, kind, rng)
                 if wrong:

@@ -31,7 +31,6 @@ import functools
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections import Counter
@@ -46,7 +45,7 @@ from tqdm import tqdm
 import data
 from cases import CASE_KEYS, cases_for_config, write_cases_jsonl
 from encoders import RAW_ENCODERS, embed_each_once, load_clip_model, make_embed, text_dir_of, text_source
-from reports import label_report, normalize_for_match, positive_findings
+from reports import idf_weights, label_report, normalize_for_match, positive_findings, word_tokens
 from phrasings import ZERO_SHOT_PROMPTS
 from results import contact_sheet, eval_markdown, retrieval_html, slug
 from runtime import Env, atomic_write, load_config, setup, write_text
@@ -244,7 +243,7 @@ def multi_positive_ranks(query_emb, gallery_emb, hit_class, gallery_class, chunk
 
 
 def text_retrieval_task(embed, queries, answers, keys=None, ks=(1, 5), query_keys=None, other_keys=None,
-                        match=None):
+                        match=None, distractors=((), ())):
     """Query i -> the gallery of all answers, one entry per key. keys default to the answer text itself,
     so exact duplicates, which no encoder can tell apart, are merged; the builder passes normalised text.
 
@@ -253,18 +252,21 @@ def text_retrieval_task(embed, queries, answers, keys=None, ks=(1, 5), query_key
     query key (default: the query text; evaluate_text_tasks passes normalised text), since no encoder
     can tell identical queries apart either. match(answer) -> hashable widens every hit to all entries
     with the same match (the label level of summarisation: an impression with the same findings).
+    distractors: (texts, keys) of gallery entries that answer no query (the near-duplicates of cases.py);
+    one with the key of an answer is that answer's entry.
     Adds chance (R@k of a random ranking, ~k x hits / gallery entries), gallery_entries, and
     multi_answer_queries: the queries with more than one correct entry."""
     if len(queries) != len(answers):
         raise ValueError(f"{len(queries)} queries but {len(answers)} answers")
     keys = list(answers) if keys is None else list(keys)
     query_keys = list(queries) if query_keys is None else list(query_keys)
-    first = {}  # key -> index of the first answer with that key: one gallery entry per key
-    for i, k in enumerate(keys):
+    texts = list(answers) + list(distractors[0])
+    first = {}  # key -> index of the first text with that key: one gallery entry per key
+    for i, k in enumerate(keys + list(distractors[1])):
         first.setdefault(k, i)
-    gallery, entry = [answers[i] for i in first.values()], {k: j for j, k in enumerate(first)}
+    gallery, entry = [texts[i] for i in first.values()], {k: j for j, k in enumerate(first)}
     classes = {}  # an entry's class: its key, or its match; a query's hits are whole classes
-    gallery_class = torch.tensor([classes.setdefault(k if match is None else match(answers[i]), len(classes))
+    gallery_class = torch.tensor([classes.setdefault(k if match is None else match(texts[i]), len(classes))
                                   for k, i in first.items()])
     correct = {}  # query key -> gallery entries of its answers
     for i, (query_key, key) in enumerate(zip(query_keys, keys)):
@@ -357,9 +359,13 @@ def evaluate_text_tasks(embed, cases, label_fn=label_report):
             continue
         args = (embed, [c["query"] for c in cs], [c["answer"] for c in cs],
                 [c.get("key", c["answer"]) for c in cs])
+        near = [(d, normalize_for_match(d) if "key" in c else d) for c in cs for d in c.get("distractors", [])]
         kwargs = dict(query_keys=[normalize_for_match(c["query"]) for c in cs],
-                      other_keys=[c.get("other_keys", []) for c in cs])
+                      other_keys=[c.get("other_keys", []) for c in cs], distractors=tuple(zip(*near)) or ((), ()))
         results[task] = text_retrieval_task(*args, **kwargs)
+        if near:  # R@1 of a reader that finds the answer's copies but cannot tell which is the answer
+            results[task]["chance_among_copies"] = 100 * float(np.mean([1 / (1 + len(c.get("distractors", [])))
+                                                                        for c in cs]))
         if task == "summarisation":
             findings = functools.lru_cache(maxsize=None)(lambda text: _positive_findings(label_fn(text)))
             results["summarisation_label"] = text_retrieval_task(*args, **kwargs, match=findings)
@@ -376,15 +382,13 @@ def tfidf_embed(train_texts, max_vocab=10000):
     scikit-learn's default), L2-normalised. The vocabulary: the max_vocab words in the most training
     reports; other words are ignored. An encoder that does not beat it has learnt little beyond
     shared words."""
-    words = lambda text: re.findall(r"[a-z0-9]+", text.lower())
-    df = Counter(w for text in train_texts for w in set(words(text)))
-    vocab = {w: i for i, (w, _) in enumerate(sorted(df.items(), key=lambda x: (-x[1], x[0]))[:max_vocab])}
-    idf = torch.tensor([math.log((1 + len(train_texts)) / (1 + df[w])) + 1 for w in vocab])
+    weights = idf_weights(train_texts, max_vocab)
+    vocab, idf = {w: i for i, w in enumerate(weights)}, torch.tensor(list(weights.values()))
 
     def embed(texts):
         counts = torch.zeros(len(texts), len(vocab))
         for i, text in enumerate(texts):
-            for w, c in Counter(w for w in words(text) if w in vocab).items():
+            for w, c in Counter(w for w in word_tokens(text) if w in vocab).items():
                 counts[i, vocab[w]] = c
         return F.normalize(counts * idf, dim=-1)
     return embed

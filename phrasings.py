@@ -91,6 +91,20 @@ WORDINGS = [
     ("no pleural effusion -> no effusion", r"\bno pleural effusions?\b", "no effusion"),
     ("no effusion -> no pleural effusion", r"\bno effusions?\b(?! or)", "no pleural effusion"),
     ("pneumothorax absent -> no pneumothorax", r"^there is no evidence of pneumothorax\.$", "No pneumothorax."),
+    # synonyms of findings and their words
+    ("cardiomegaly -> enlargement of the heart", r"\bcardiomegaly\b", "enlargement of the heart"),
+    ("cardiomegaly -> cardiac enlargement", r"\bcardiomegaly\b", "cardiac enlargement"),
+    ("pleural effusion -> pleural fluid", r"\bpleural effusion\b", "pleural fluid"),
+    ("atelectasis -> atelectatic change", r"\batelectasis\b", "atelectatic change"),
+    ("no x -> negative for x", r"^no (?!acute|active)", "Negative for "),
+    ("hyperinflated -> hyperexpanded", r"\bhyperinflated\b", "hyperexpanded"),
+    ("hyperexpanded -> hyperinflated", r"\bhyperexpanded\b", "hyperinflated"),
+    ("lungs are clear -> lung fields are clear", r"^(?:the )?lungs are clear\b", "The lung fields are clear"),
+    ("osseous -> bony", r"\bosseous\b", "bony"),
+    ("bony -> osseous", r"\bbony\b", "osseous"),
+    ("severe -> marked", r"\bsevere\b", "marked"),
+    ("marked -> severe", r"\bmarked\b", "severe"),
+    ("heart size -> cardiac size", r"\bheart size\b", "cardiac size"),
 ]
 # Two sentences in one (the reverse of the split rule above): (key, pattern over a text, replacement).
 _TWO_DENIALS = r"\bNo ([a-z]+(?: [a-z]+)?)\. No ([a-z]+(?: [a-z]+)?)\."
@@ -171,6 +185,35 @@ DEVICE_MOVES = {"superior vena cava": "right atrium|brachiocephalic vein", "svc"
                 "cavoatrial junction": "brachiocephalic vein|right ventricle", "stomach": "esophagus|duodenum",
                 "esophagus": "stomach|trachea",
                 "above the carina": "in the right mainstem bronchus|in the left mainstem bronchus"}
+
+# Terms a report could have written in each other's place. A near-duplicate of an acronym or paraphrase answer
+# (cases.py) swaps one of them for another of its group where the query rewrote it, so that only reading the
+# rewritten word tells the answer from its copies. A term in several groups may become any of their terms.
+CONFUSABLE = [
+    "consolidation|opacity|atelectasis|infiltrate|pneumonia|edema|scarring", "effusion|pneumothorax|thickening",
+    "nodule|mass|granuloma", "cardiomegaly|pneumomediastinum|pericardial effusion", "emphysema|hyperinflation|fibrosis",
+    "fracture|deformity|dislocation", "scoliosis|kyphosis", "effusions|pneumothoraces", "nodules|masses|granulomas",
+    "opacities|infiltrates|densities", "fractures|deformities", "consolidative|atelectatic|nodular",
+    "pleural effusion|pleural thickening|pericardial effusion", "pulmonary edema|pulmonary fibrosis|pulmonary embolism",
+    "pulmonary nodule|pulmonary mass|pulmonary cyst", "pleural effusions|pleural plaques",
+    "left|right", "bilateral|unilateral", "bilaterally|unilaterally", "left-sided|right-sided",
+    "right lower lobe|right middle lobe|right upper lobe|left lower lobe|left upper lobe|lingula",
+    "endotracheal tube|nasogastric tube|orogastric tube|chest tube|feeding tube|tracheostomy tube",
+    "endotracheal|nasogastric|orogastric", "internal jugular|subclavian|femoral",
+    "right internal jugular|left internal jugular|right subclavian|left subclavian",
+    "peripherally inserted central catheter|central venous catheter|pulmonary artery catheter|dialysis catheter",
+    "superior vena cava|inferior vena cava|right atrium|right ventricle|left ventricle|brachiocephalic vein",
+    "small|moderate|large", "mild|moderate|severe", "minimal|mild|moderate", "increased|decreased",
+    "with|without", "normal|abnormal", "anteroposterior|posteroanterior|lateral",
+    "chronic obstructive pulmonary disease|congestive heart failure|interstitial lung disease|tuberculosis"
+    "|acute respiratory distress syndrome|coronary artery disease|hypertension",
+    "coronary artery bypass graft|aortic valve replacement|mitral valve replacement",
+    "permanent pacemaker|automatic implantable cardioverter-defibrillator",
+    "thoracic spine|lumbar spine|cervical spine", "costophrenic angle|hemidiaphragm|cardiophrenic angle",
+    "proximal|distal", "metastases|lymphadenopathy", "degenerative joint disease|osteoporosis",
+    "gastroesophageal junction|carina|stomach", "volumes|markings", "unchanged|worsened|improved",
+    "acute|chronic", "history of|no history of",
+]
 
 # The 14 CheXpert observations, each with a (positive, negative) prompt worded like a report
 # sentence, since the text encoder was trained on reports rather than on "a photo of" captions.

@@ -15,10 +15,12 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import tarfile
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 
 @dataclass
@@ -244,6 +246,19 @@ def normalize_for_match(text: str) -> str:
     text = LABEL_HEADER_RE.sub(" ", normalize_report(text).lower())
     text = re.sub(r"(?:^|(?<=\s))\d{1,2}[.)](?=\s)", " ", text)
     return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
+
+
+def word_tokens(text: str) -> list[str]:
+    """The lowercased words of a text, as a bag of words counts them: 'No PTX, 5 mm.' -> ['no', 'ptx', '5', 'mm']."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def idf_weights(texts, max_vocab: int = 10000) -> dict[str, float]:
+    """{word: smoothed idf ln((1 + N) / (1 + df)) + 1} (scikit-learn's default) of the max_vocab words in the
+    most texts: the weights of the TF-IDF baseline, and what the case builder balances its near-duplicates by."""
+    df = Counter(w for text in texts for w in set(word_tokens(text)))
+    vocab = sorted(df.items(), key=lambda x: (-x[1], x[0]))[:max_vocab]
+    return {w: math.log((1 + len(texts)) / (1 + n)) + 1 for w, n in vocab}
 
 
 def split_of(study_id: str, val: float = 0.1, test: float = 0.1) -> str:

@@ -33,6 +33,7 @@ import losses
 import model as M
 from cases import build_text_cases
 from encoders import build_llm, embed_each_once, load_text_encoder, make_embed, pad_id, save_stage
+from reports import idf_weights
 from results import plot_losses
 from runtime import EndlessBatches, load_config, save_config, setup, train_loop, write_text
 
@@ -123,9 +124,11 @@ def main(argv):
     encoder = M.TextEncoder(llm, cfg.model.pooling, cfg.model.num_latents).to(env.device)
     embed = lambda: make_embed(encoder, tokenizer, cfg.model, env.precision)
     if env.is_main:  # the val reports that occur in training are dropped (data.load_reports)
-        cases = build_text_cases(reports["val"][:t.eval_reports], random.Random(cfg.seed))
+        train_texts = [r.text() for r in reports["train"]]
+        cases = build_text_cases(reports["val"][:t.eval_reports], random.Random(cfg.seed),
+                                 weights=idf_weights(train_texts))
         cases = {task: c for task, c in cases.items() if task in HELD_OUT}
-        tfidf = evaluate.tfidf_embed([r.text() for r in reports["train"]])
+        tfidf = evaluate.tfidf_embed(train_texts)
         results = {"overlap": reports["overlap"],
                    "baseline: TF-IDF": held_out_eval(tfidf, cases, "TF-IDF, held-out"),
                    "before": held_out_eval(embed(), cases, "before training, held-out")}

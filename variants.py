@@ -10,6 +10,9 @@ sec. 2.2).
   false finding, measurement, device.
 - `error_impressions(impression, rng, family="eval")`: the wrong candidates of the error-discrimination task.
 - `reword(text, rng, family)`: the wording rules alone, with the keys of those used.
+- `unseen_edits(text, rewrite, rng, family)`: copies of text changed only in words its rewrite does not hold
+  (a term swapped for another of its kind, or an error): hard negatives that only reading the rewritten
+  words tells from the text.
 
 Every abbreviation, wording rule and error wording belongs to a family, 'train' or 'eval' (reports.rule_family,
 a hash of its key): training draws on one, the evaluation on the other, so an encoder is never graded on
@@ -21,12 +24,13 @@ the very rules it was trained to invert. The tables live in phrasings.py, the ab
 import functools
 import random
 import re
+from collections import Counter
 
-from phrasings import (DEVICE_MOVES, DEVICE_SENTENCES, MERGES, NEGATED, PARTITION_ORDER, POSITIVE, REGIONS,
-                       SEVERITY_ADDED, SEVERITY_SWAP, SWAP_SIDE, WORDINGS)
+from phrasings import (CONFUSABLE, DEVICE_MOVES, DEVICE_SENTENCES, MERGES, NEGATED, PARTITION_ORDER, POSITIVE,
+                       REGIONS, SEVERITY_ADDED, SEVERITY_SWAP, SWAP_SIDE, WORDINGS)
 from reports import (CHEXPERT_LABELS, LABEL_HEADER_RE, MEASURE, Report, abbreviate, any_of, cap_like,
                      expand_abbreviations, extract_attributes, label_report, mentions, normalize_for_match,
-                     normalize_report, positive_findings, rule_family, sentences)
+                     normalize_report, positive_findings, rule_family, sentences, word_tokens)
 
 # ---------------------------------------------------------------------------------------------
 # Clinically equivalent variants (positives)
@@ -75,9 +79,9 @@ def _lower_first(s):
     return s[:1].lower() + s[1:] if s[1:2].islower() else s
 
 
-def reword(text: str, rng, family: str = "train") -> tuple[str, list[str]]:
+def reword(text: str, rng, family: str = "train", share: float = 0.5) -> tuple[str, list[str]]:
     """text with the wording rules of one family: perhaps two negations merged, then each sentence
-    rewritten by one of its rules with probability 1/2, at least one rule where any applies. Returns
+    rewritten by one of its rules with probability `share`, at least one rule where any applies. Returns
     (the text, the keys of the rules used)."""
     rng, used = _as_random(rng), []
     merges = [(k, p, new) for k, p, new in _MERGES if rule_family(k) == family and p.search(text)]
@@ -92,7 +96,7 @@ def reword(text: str, rng, family: str = "train") -> tuple[str, list[str]]:
     bodies = [_lower_first(s[len(_header(s)):]) for s in sents]
     rules = [[r for r in _WORDINGS if rule_family(r[0]) == family and r[1].search(b)]
              if s[len(_header(s)):] != merged else [] for s, b in zip(sents, bodies)]
-    chosen = [rng.choice(r) if r and rng.random() < 0.5 else None for r in rules]
+    chosen = [rng.choice(r) if r and rng.random() < share else None for r in rules]
     if not used and not any(chosen) and any(rules):
         i = rng.choice([i for i, r in enumerate(rules) if r])
         chosen[i] = rng.choice(rules[i])
@@ -287,15 +291,34 @@ def _errors(text, kind, rng, family, avoid=(), longer=None):
     cands = [(t, obs) for t, obs in cands
              if abs(len(t) - n) <= LENGTH_TOLERANCE * n and normalize_for_match(t) not in seen]
     rng.shuffle(cands)
-    # a finding denied or asserted changes its label; a side, severity, measurement or position what is read of it
-    read = 1 if kind in ("false_negation", "false_finding") else 2
     for wrong, obs in sorted(cands, key=lambda c: abs(len(c[0]) - target)):
-        after = _reading(wrong)
-        changed = [o for o in CHEXPERT_LABELS[1:] if any(b.get(o) != a.get(o)
-                                                          for b, a in zip(before[:read], after[:read]))]
-        if obs in changed or (obs is None and changed):
-            return wrong, obs or changed[0]
+        if changed := _changed(before, wrong, kind, obs):
+            return wrong, changed
     return None
+
+
+def _changed(before, wrong, kind, obs):
+    """The observation whose reading the edit changed (obs, or any when obs is None), or None: a finding
+    denied or asserted changes its label; a side, severity, measurement or position what is read of it."""
+    read, after = 1 if kind in ("false_negation", "false_finding") else 2, _reading(wrong)
+    changed = [o for o in CHEXPERT_LABELS[1:] if any(b.get(o) != a.get(o) for b, a in zip(before[:read], after[:read]))]
+    return obs if obs in changed else changed[0] if obs is None and changed else None
+
+
+def single_errors(text: str, rng, family: str = "eval", accept=lambda wrong: True, n: int | None = None):
+    """Edits of one error each, of any kind and any length, in random order: [(wrong text, kind)], the
+    first n of those that accept(wrong text) and that change what the labeler reads (as inject_error's)."""
+    rng, sents = _as_random(rng), sentences(normalize_report(text))
+    before, out = _reading(" ".join(sents)), []
+    cands = [(" ".join(s.strip() for s in c if s.strip()), obs, kind)
+             for kind in ERROR_KINDS for c, obs in _candidates(sents, kind, rng, family)]
+    rng.shuffle(cands)
+    for wrong, obs, kind in cands:
+        if len(out) == n:
+            break
+        if accept(wrong) and _changed(before, wrong, kind, obs):
+            out.append((wrong, kind))
+    return out
 
 
 def inject_error(text: str, kind: str, rng: random.Random, family: str = "train") -> str | None:
@@ -354,3 +377,45 @@ def _pick(options, n, n_longer, n_kinds, longer):
                     return found
         return None
     return search([], options) or []
+
+
+# ---------------------------------------------------------------------------------------------
+# Copies changed only where a rewrite changed the words: hard negatives that only reading the
+# rewritten words tells apart (data.py), and the acronym / paraphrase galleries (cases.py)
+# ---------------------------------------------------------------------------------------------
+
+_TERM_RE = re.compile(rf"(?i)(?<![\w-])(?:{any_of({t for group in CONFUSABLE for t in group.split('|')})})(?![\w-])")
+_SWAPS_OF = {}  # term -> the terms it may become
+for _group in CONFUSABLE:
+    for _term in _group.split("|"):
+        _SWAPS_OF.setdefault(_term, []).extend(t for t in _group.split("|") if t != _term)
+
+
+def term_swaps(text: str) -> list[str]:
+    """Copies of text with one CONFUSABLE term replaced by another of its group that the text does not hold.
+    Edits like a left/right swap, they belong to no family: the held-out part of a case is the abbreviation
+    or the wording that hides the term."""
+    out, lower = [], text.lower()
+    for m in _TERM_RE.finditer(text):
+        for new in _SWAPS_OF[" ".join(m.group().lower().split())]:
+            if not re.search(rf"(?<![\w-]){re.escape(new)}(?![\w-])", lower):
+                out.append(text[:m.start()] + cap_like(new, m.group()[:1].isupper()) + text[m.end():])
+    return out
+
+
+def changed_words(text: str, copy: str) -> tuple[frozenset, frozenset]:
+    """(the words copy removes from text, the words it adds), as a bag of words counts them."""
+    before, after = Counter(word_tokens(text)), Counter(word_tokens(copy))
+    return frozenset(before - after), frozenset(after - before)
+
+
+def unseen_edits(text: str, rewrite: str, rng, family: str = "train", n_errors: int = 0) -> list[tuple[str, str]]:
+    """[(copy, kind)]: copies of text, whose rewrite (abbreviated, reworded ...) is given, that replace words
+    the rewrite does not hold by words it does not hold either ('No pneumothorax.' -> 'No pneumonia.' when
+    the rewrite says 'No PTX.'): one term swapped ("term"), and up to n_errors single errors (single_errors,
+    its kind). The rewrite's words then match text and copy alike; only what the rewritten words mean
+    tells them apart."""
+    in_rewrite = set(word_tokens(rewrite))
+    unseen = lambda copy: all(ch := changed_words(text, copy)) and not (ch[0] | ch[1]) & in_rewrite
+    out = [(c, "term") for c in term_swaps(text) if unseen(c)]
+    return out + (single_errors(text, rng, family, accept=unseen, n=n_errors) if n_errors else [])

@@ -11,8 +11,9 @@ import pytest
 import cases
 from data import drop_train_overlap
 from phrasings import WORDINGS
-from reports import (ABBREVIATIONS, CHEXPERT_LABELS, expand_abbreviations, extract_attributes, label_report,
-                     normalize_for_match, split_of)
+from evaluate import evaluate_text_tasks, tfidf_embed
+from reports import (ABBR_OF, ABBREVIATIONS, CHEXPERT_LABELS, expand_abbreviations, extract_attributes, idf_weights,
+                     label_report, normalize_for_match, split_of)
 
 CHANCE = 25.0  # one true impression among four
 
@@ -23,17 +24,27 @@ def family(key):
 
 
 @pytest.fixture(scope="module")
-def test_split(openi):
+def splits(openi):
     splits = {"train": [], "val": [], "test": []}
     for r in openi:  # data.load_reports with the default fractions (val 0.1, test 0.1)
         if r.findings or r.impression:
             splits[split_of(r.study_id)].append(r)
-    return drop_train_overlap(splits)["test"]
+    return drop_train_overlap(splits)
 
 
 @pytest.fixture(scope="module")
-def built(test_split):
-    return cases.build_text_cases(test_split, random.Random(0))  # evaluate.text_cases, seed 0
+def test_split(splits):
+    return splits["test"]
+
+
+@pytest.fixture(scope="module")
+def train_texts(splits):
+    return [r.text() for r in splits["train"]]
+
+
+@pytest.fixture(scope="module")
+def built(test_split, train_texts):  # as cases.cases_for_config builds them, seed 0
+    return cases.build_text_cases(test_split, random.Random(0), weights=idf_weights(train_texts))
 
 
 def top1(error_cases, score):
@@ -124,3 +135,52 @@ def test_paraphrase_queries_use_only_eval_wordings(built):
                 assert count(c["query"]) <= count(c["answer"]), (k, c["query"])
     assert sum(bool(c["rules"]) for c in paraphrase) >= 0.5 * len(paraphrase)
     assert all(c["rules"] for c in paraphrase if c["style"] == "paraphrased")
+
+
+# ---------------------------------------------------------------------------------------------
+# Acronym and paraphrase: near-duplicates that a bag of words cannot tell from the answer
+# ---------------------------------------------------------------------------------------------
+
+def bag(text):
+    return collections.Counter(re.split(r"[^a-z0-9]+", text.lower())) - collections.Counter({"": 10 ** 6})
+
+
+def test_near_duplicates_differ_only_where_the_query_was_rewritten(built):
+    assert len(built["acronym"]) >= 150 and len(built["paraphrase"]) >= 20
+    for task in ("acronym", "paraphrase"):
+        for c in built[task]:
+            assert 1 <= len(c["distractors"]) <= 3
+            keys = {normalize_for_match(t) for t in [c["answer"], *c["distractors"]]}
+            assert len(keys) == 1 + len(c["distractors"]), c  # all different, none the answer
+            answer, query = bag(c["answer"]), set(bag(c["query"]))
+            for d in c["distractors"]:
+                removed, added = answer - bag(d), bag(d) - answer
+                assert removed and added, (c["answer"], d)  # a word replaced
+                assert not (set(removed) | set(added)) & query, (c["query"], d)
+
+
+def test_bag_of_words_is_at_chance_among_the_copies(built, train_texts):
+    """TF-IDF fitted on the training reports finds each answer's copies (R@5 = 100 with three copies) but
+    not which one is the answer: its R@1 is within 5 points of 1 / (1 + copies)."""
+    results = evaluate_text_tasks(tfidf_embed(train_texts), {t: built[t] for t in ("acronym", "paraphrase")})
+    for task, r in results.items():
+        assert r["R@5"] >= 95, task
+        assert abs(r["R@1"] - r["chance_among_copies"]) <= 5 + 100 / len(built[task]), (task, r)
+
+
+def test_acronym_task_is_solved_by_reading_the_abbreviations(built, train_texts):
+    """The same bag of words, given every phrase each abbreviation of the query stands for (a perfect reader
+    of them: 'b/l' -> 'bilateral bilaterally'), finds the answer among its copies: the copies differ in what
+    the abbreviations say, not elsewhere."""
+    phrases = collections.defaultdict(set)
+    for phrase, abbr in ABBR_OF.items():
+        phrases[abbr].add(phrase)
+
+    def read(query):
+        for abbr in sorted(phrases, key=len, reverse=True):
+            end = r"(?![a-z])" if abbr.endswith("/") else r"(?![\w/-])"
+            query = re.sub(rf"(?<![\w/-]){re.escape(abbr)}{end}", " ".join(sorted(phrases[abbr])), query,
+                           flags=0 if len(abbr) == 1 else re.I)
+        return query
+    read_cases = {"acronym": [c | {"query": read(c["query"])} for c in built["acronym"]]}
+    assert evaluate_text_tasks(tfidf_embed(train_texts), read_cases)["acronym"]["R@1"] >= 95

@@ -441,7 +441,11 @@ def fake_rules():
         kinds = ["laterality", "severity", "false_negation", "false_finding"][:n]
         return [f"{impression} ({kind} {rng.random():.3f})" for kind in kinds], kinds, ["Pleural Effusion"] * n
 
-    rules.make_variants, rules.error_impressions = make_variants, error_impressions
+    def near_duplicates(answer, query, rng, weights, counts, n=3):
+        assert isinstance(weights, dict) and isinstance(counts, dict)
+        return [answer.replace("pneumothorax", "pneumonia")] if "pneumothorax" in answer else []
+
+    rules.make_variants, rules.error_impressions, rules.near_duplicates = make_variants, error_impressions, near_duplicates
     return rules
 
 
@@ -450,6 +454,7 @@ def check_cases(built, rules):
     for task in ["acronym", "paraphrase", "summarisation"]:
         for c in built[task]:
             assert c["key"] == rules.normalize_for_match(c["answer"]) and c["query"] != c["answer"]
+            assert task == "summarisation" or c["distractors"]
     for c in built["error"]:
         normalized = {rules.normalize_for_match(t) for t in [c["impression"], *c["wrong"]]}
         assert len(c["wrong"]) == 3 and len(normalized) == 4
@@ -467,18 +472,20 @@ class FakeReport:
 @pytest.mark.parametrize("rng", [np.random.default_rng(0), random.Random(0)])
 def test_build_text_cases_with_documented_interface(monkeypatch, rng):
     rules = fake_rules()
-    for name in ("normalize_for_match", "make_variants", "error_impressions"):
+    for name in ("normalize_for_match", "make_variants", "error_impressions", "near_duplicates"):
         monkeypatch.setattr(cases, name, getattr(rules, name))
     reports = [FakeReport(str(i), f"Small left effusion {i}. No pneumothorax.",
                           f"Small left effusion {i}.") for i in range(12)]
     reports.append(FakeReport("x", "", "No acute process."))
-    built = cases.build_text_cases(reports, rng)
+    dropped = {}
+    built = cases.build_text_cases(reports, rng, dropped=dropped)
     check_cases(built, rules)
     assert all(len(set(c["kinds"])) == 3 for c in built["error"])
-    # "x" has nothing to abbreviate and no findings to summarise
+    # "x" has nothing to abbreviate, no findings to summarise, and no near-duplicate: no paraphrase either
     assert {task: len(cs) for task, cs in built.items()} == {
-        "acronym": 12, "paraphrase": 13, "summarisation": 12, "error": 12}
-    assert len(cases.build_text_cases(reports, rng, n=5)["paraphrase"]) == 5
+        "acronym": 12, "paraphrase": 12, "summarisation": 12, "error": 12}
+    assert dropped == {"paraphrase": 1}
+    assert len(cases.build_text_cases(reports[:12], rng, n=5)["summarisation"]) == 5
     assert ev.report_keys(["No  PTX.", "no ptx"]) == ["no ptx", "no ptx"]
     texts = " ".join(t for cs in built.values() for c in cs for t in c.values()
                      if isinstance(t, str))
@@ -495,26 +502,6 @@ def test_build_text_cases_with_the_real_rules():
     # nothing here is abbreviated, so make_variants has no "expanded" variant: the report itself
     # is the expanded answer of its abbreviated rewrite
     assert [c["answer"] for c in built["acronym"]] == [r.text() for r in reports]
-
-
-def test_paraphrase_of_a_shared_impression_accepts_every_report_with_it(monkeypatch):
-    """An impression-only query rewrites every report with that impression: all are correct answers."""
-    rules = fake_rules()
-    monkeypatch.setattr(cases, "make_variants", lambda report, rng, family: {
-        "impression_only": report.impression})
-    monkeypatch.setattr(cases, "error_impressions", rules.error_impressions)
-    reports = [FakeReport("a", "Heart normal.", "No acute disease."),
-               FakeReport("b", "Lungs clear.", "No acute disease."),
-               FakeReport("c", "Left effusion.", "Small left effusion.")]
-    built = cases.build_text_cases(reports, random.Random(0))
-    key = {r.study_id: variants.normalize_for_match(r.text()) for r in reports}
-    assert [(c["style"], c["other_keys"]) for c in built["paraphrase"]] == [
-        ("impression_only", [key["b"]]), ("impression_only", [key["a"]]), ("impression_only", [])]
-    # an encoder that reads the impression perfectly: queries "a" and "b" each find a correct report
-    groups = [["No acute disease.", reports[0].text(), reports[1].text()],
-              ["Small left effusion.", reports[2].text()]]
-    out = ev.evaluate_text_tasks(lookup_embed(groups), {"paraphrase": built["paraphrase"]})["paraphrase"]
-    assert out["R@1"] == 100 and out["multi_answer_queries"] == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,7 +576,7 @@ def test_majority_baseline_by_hand():
 
 def test_case_files_round_trip(tmp_path, monkeypatch):
     rules = fake_rules()
-    for name in ("make_variants", "error_impressions"):
+    for name in ("make_variants", "error_impressions", "near_duplicates"):
         monkeypatch.setattr(cases, name, getattr(rules, name))
     reports = [FakeReport(str(i), f"Left effusion {i}, 5 × 3 cm. No pneumothorax.", f"Effusion {i}.")
                for i in range(6)]

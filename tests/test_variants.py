@@ -1,5 +1,6 @@
 """Tests of variants.py: clinically equivalent rewrites and error injection, on hand-made and real reports,
 and the train / eval families of the rules (reports.rule_family)."""
+import collections
 import hashlib
 import random
 import re
@@ -7,7 +8,7 @@ import re
 from phrasings import DEVICE_SENTENCES, NEGATED, POSITIVE, WORDINGS
 from reports import (ABBREVIATIONS, Report, abbreviate, expand_abbreviations, extract_attributes, label_report,
                      normalize_report, rule_family, sentences)
-from variants import ERROR_KINDS, error_impressions, inject_error, make_variants, reword
+from variants import ERROR_KINDS, error_impressions, inject_error, make_variants, reword, unseen_edits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def test_reword_uses_only_its_family():
     assert reword("Clear lungs.", random.Random(0), "train") == ("Clear lungs.", [])  # no train rule reads it
     split = {reword("No pleural effusion or pneumothorax.", random.Random(s), "eval")[0] for s in range(30)}
     assert split == {"No pleural effusion. No pneumothorax.", "There is no pleural effusion or pneumothorax.",
-                     "No effusion or pneumothorax."}
+                     "No effusion or pneumothorax.", "Negative for pleural effusion or pneumothorax."}
     merged = {reword("No pleural effusion. No pneumothorax.", random.Random(s), "train")[0] for s in range(30)}
     assert {"No pleural effusion or pneumothorax.", "No pleural effusion and no pneumothorax.",
             "No pleural effusion. Pneumothorax is not seen."} <= merged
@@ -198,3 +199,20 @@ def test_inject_error_changes_what_the_labeler_reads(openi_sample):
                 assert wrong != normalize_report(text) and _within(wrong, normalize_report(text))
     assert all(made[k] > 0 for k in ERROR_KINDS), made
     assert made["false_finding"] >= 100 and made["device"] >= 100  # most reports have a normal sentence
+
+
+def test_unseen_edits_change_only_words_the_rewrite_lacks():
+    text = "Small left pleural effusion. No pneumothorax. Mild cardiomegaly."
+    rewrite = "Sm L PEx. No PTX. Mild cardiomegaly."
+    words = lambda t: collections.Counter(re.findall(r"[a-z0-9]+", t.lower()))
+    edits = unseen_edits(text, rewrite, random.Random(0), "eval", n_errors=5)
+    copies = {c for c, _ in edits}
+    # by hand: the abbreviated words (small, left, pleural effusion, pneumothorax) may change; 'mild
+    # cardiomegaly' and 'no' are in the rewrite and may not
+    assert "Small left pleural effusion. No thickening. Mild cardiomegaly." in copies
+    assert "Small right pleural effusion. No pneumothorax. Mild cardiomegaly." in copies
+    assert "Small left pleural effusion. No pneumothorax. Severe cardiomegaly." not in copies
+    for copy in copies:
+        removed, added = words(text) - words(copy), words(copy) - words(text)
+        assert removed and added and not (set(removed) | set(added)) & set(words(rewrite)), copy
+    assert unseen_edits(text, text, random.Random(0), "eval", n_errors=5) == []  # nothing rewritten, nothing to hide
