@@ -548,7 +548,8 @@ def evaluate_baselines(cases, train_reports, batch_size):
         chance["error"] = {"top1_accuracy": tfidf["error"]["chance"], "pairwise_accuracy": 50.0}
     if "clinical" in tfidf:
         chance["clinical"] = {"label_f1": tfidf["clinical"]["chance"]}
-    return rows | {"chance": chance}
+    among = {task: {"R@1": r["chance_among_copies"]} for task, r in tfidf.items() if "chance_among_copies" in r}
+    return rows | {"chance": chance} | ({"chance among copies": among} if among else {})
 
 
 def evaluate_clip(cfg, env, clip_dir):

@@ -54,6 +54,7 @@ MIXES = {"prose": ["clip.train_n=1000", "data.train_styles=[mimic]"],
 # the untrained LLM without its causal mask (train_clip.py's raw_bidirectional; raw is the causal one)
 ENCODERS = {"raw_bidirectional": ["clip.text_encoder=raw_bidirectional"], "adapted": ["clip.text_encoder={contrastive}/text"]}
 TEST_STYLES = ("mimic", "openi", "shorthand")  # small.yaml's data.test_styles
+CLIP_MARK = "<!-- ablations:clip -->"  # in the README, where tables 2-3 begin
 QUICK = ["text.mntp.steps=20", "text.contrastive.steps=12", "clip.optim.steps=300", "eval.max_reports=50"]
 
 
@@ -71,9 +72,10 @@ def run(script, config, overrides, out_dir, done, log):
         json.dump(log, f, indent=1)
 
 
-def sweep(config, seeds, out, extra, log):
-    """Every run of every seed; returns {seed: {"text": {entry: metrics}, "clip": {(mix, encoder): eval}}}.
-    The end-of-stage evaluation of train_text.py is skipped (text.eval_reports=0): evaluate.py does it."""
+def sweep(config, seeds, out, extra, log, text_only=False):
+    """Every run of every seed (text_only: table 1's); returns {seed: {"text": {entry: metrics}, "clip":
+    {(mix, encoder): eval}}}. The end-of-stage evaluation of train_text.py is skipped (text.eval_reports=0):
+    evaluate.py does it."""
     found = {}
     for seed in seeds:
         d = f"{out}/seed{seed}"
@@ -88,7 +90,7 @@ def sweep(config, seeds, out, extra, log):
             text = json.load(f)["text"]
         found[seed] = {"text": {m: text["models"][path] for m, path in zip(TEXT_ROWS.values(), models)},
                        "baselines": text["baselines"], "clip": {}}
-        for mix, mix_overrides in MIXES.items():
+        for mix, mix_overrides in {} if text_only else MIXES.items():
             for encoder, enc_overrides in ENCODERS.items():
                 run_dir = f"{d}/clip_{mix}_{encoder}"
                 overrides = [o.format(contrastive=f"{d}/contrastive") for o in enc_overrides]
@@ -193,23 +195,26 @@ def bar_chart(panels, path, size=(1100, 420)):
 
 def plot(found, path):
     seeds = list(found)
-    text_rows = {"raw LLM": "raw", "+ MNTP": "mntp", "+ MNTP + contrastive": "contrastive",
-                 "... no hard negatives": "no_hard_negatives"}
+    text_rows = {"raw LLM": "raw", "raw, bidirectional": "raw_bidirectional", "+ MNTP": "mntp",
+                 "+ MNTP + contrastive": "contrastive", "... no hard negatives": "no_hard_negatives"}
+    text_rows = {label: entry for label, entry in text_rows.items() if entry in TEXT_ROWS.values()}
     metrics = {"acronym R@1": ("acronym", "R@1"), "paraphrase R@1": ("paraphrase", "R@1"),
                "summ. R@1": ("summarisation", "R@1"), "error top-1": ("error", "top1_accuracy")}
     text_series = {label: [mean_std([found[s]["text"][entry].get(t, {}).get(m) for s in seeds]) for t, m in metrics.values()]
                    for label, entry in text_rows.items()}
     clip_series = {f"{mix}, {enc}": [mean_std([found[s]["clip"][mix, enc][f"test/{style}"]["image_to_text"]["R@5"]
                                                for s in seeds]) for style in TEST_STYLES]
-                   for mix in MIXES for enc in ENCODERS}
-    bar_chart([("1. text encoders on held-out Open-I reports (%)", list(metrics), text_series),
-               ("2-3. CLIP image->report R@5 (%) by test report style", list(TEST_STYLES), clip_series)], path)
+                   for mix in MIXES for enc in ENCODERS} if all(found[s]["clip"] for s in seeds) else {}
+    panels = [("1. text encoders on held-out Open-I reports (%)", list(metrics), text_series)]
+    if all(found[s]["clip"] for s in seeds):
+        panels.append(("2-3. CLIP image->report R@5 (%) by test report style", list(TEST_STYLES), clip_series))
+    bar_chart(panels, path, size=(550 * len(panels), 420))
 
 
 def report(found, args, log):
     """The Markdown of the Results tables."""
     main, per_kind, cases = text_tables(found)
-    clip = clip_tables(found)
+    clip = clip_tables(found) if all(r["clip"] for r in found.values()) else {}
     minutes = {s: sum(t for run, t in log.items() if f"/seed{s}/" in run + "/") / 60 for s in found}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     md = [f"Produced by `python configs/ablations.py{' --quick' if args.quick else ''}` on `{args.config}`, "
@@ -217,9 +222,13 @@ def report(found, args, log):
           f"{', '.join(f'{m:.0f}' for m in minutes.values())} minutes. Mean ± standard deviation over seeds, in %.\n\n",
           f"**1. Text encoders** on the held-out test reports of data.source (small.yaml: the real Open-I "
           f"reports; {cases} cases per seed):\n\n", main,
+          "\nAcronym and paraphrase galleries hold up to three near-duplicates of each answer; *chance among "
+          "copies* is the R@1 of a reader that finds the copies but cannot tell which one is the answer.\n",
           "\nError discrimination per error kind, pairwise accuracy (true impression scored above the one wrong "
-          "one; chance 50):\n\n", per_kind,
-          "\n**2. Mixing report styles** and **3. external generalisation**: CLIP on synthetic radiographs, image ↔ "
+          "one; chance 50):\n\n", per_kind]
+    if not clip:
+        return "".join(md)
+    md += [CLIP_MARK + "\n", "\n**2. Mixing report styles** and **3. external generalisation**: CLIP on synthetic radiographs, image ↔ "
           "report retrieval on the test studies, their reports written in each style; text encoder raw_bidirectional: "
           "the untrained LLM without its causal mask, mean-pooled, adapted: the small.yaml stage-1 encoder.\n"]
     for style, t in clip.items():
@@ -237,13 +246,20 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
     p.add_argument("--out", help="default: results/ablations (--quick: results/ablations-quick)")
     p.add_argument("--readme", action="store_true", help="rewrite README's Results tables and docs/ablations.png")
+    p.add_argument("--text-only", action="store_true", help="table 1 only (no CLIP runs); --readme keeps tables 2-3")
+    p.add_argument("--rows", nargs="+", choices=list(TEXT_ROWS.values()), help="table 1's rows (default: all)")
     args = p.parse_args()
+    if args.rows:  # the MNTP run stays: every contrastive run starts from it
+        for label in [label for label, entry in TEXT_ROWS.items() if entry not in args.rows]:
+            del TEXT_ROWS[label]
+        for name in [name for name in TEXT_RUNS if name != "mntp" and name not in args.rows]:
+            del TEXT_RUNS[name]
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     out = args.out or ("results/ablations-quick" if args.quick else "results/ablations")
     os.makedirs(os.path.join(ROOT, out), exist_ok=True)
     timings = os.path.join(ROOT, out, "timings.json")
     log = json.load(open(timings)) if os.path.exists(timings) else {}
-    found = sweep(args.config, seeds, out, (QUICK if args.quick else []) + args.set, log)
+    found = sweep(args.config, seeds, out, (QUICK if args.quick else []) + args.set, log, args.text_only)
 
     md = report(found, args, log)
     with open(os.path.join(ROOT, out, "results.md"), "w") as f:
@@ -260,8 +276,10 @@ def main():
         if begin not in text or end not in text:
             sys.exit(f"README.md lacks the {begin} ... {end} markers to write the tables between")
         head, rest = text.split(begin, 1)
+        if args.text_only and CLIP_MARK in rest:  # the CLIP tables of an earlier sweep stay
+            end = CLIP_MARK + rest.split(CLIP_MARK, 1)[1].split(end, 1)[0] + end
         with open(readme, "w") as f:
-            f.write(head + begin + "\n" + md + "\n" + end + rest.split(end, 1)[1])
+            f.write(head + begin + "\n" + md + "\n" + end + rest.split("<!-- ablations:end -->", 1)[1])
         os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
         plot(found, os.path.join(ROOT, "docs", "ablations.png"))
         print("README.md and docs/ablations.png updated")

@@ -661,7 +661,12 @@ def test_command_writes_tables_and_pictures(tiny_run):
     # the baselines are rows of both tables, beside the encoders, and in results.json
     baselines = results["text"]["baselines"]
     assert set(baselines) == {"baseline: TF-IDF", "baseline: shortest", "baseline: longest",
-                              "baseline: fewest findings", "baseline: majority", "chance"}
+                              "baseline: fewest findings", "baseline: majority", "chance", "chance among copies"}
+    # among the copies of each answer: 1 / (1 + copies), from the cases written out
+    for task in ("acronym", "paraphrase"):
+        written = [json.loads(line) for line in (out / "eval" / "cases" / f"{task}.jsonl").open()]
+        expected = 100 * sum(1 / (1 + len(c["distractors"])) for c in written) / len(written)
+        assert baselines["chance among copies"][task]["R@1"] == pytest.approx(expected)
     assert rows.count("baseline: TF-IDF") == 2 and rows.count("baseline: shortest") == 2
     assert rows.count("baseline: majority") == 1 and rows.count("chance") == 1
     assert baselines["chance"]["error"]["top1_accuracy"] == pytest.approx(25)
