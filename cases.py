@@ -159,7 +159,8 @@ def cases_for_config(cfg, reports):
 def read_cases_jsonl(path, task):
     """Prepared cases for one task, one JSON object a line: {"query", "answer", optional "key" (answers
     with one key are one gallery entry), optional "other_keys" (keys of other answers that are correct
-    too), optional "distractors" (wrong texts added to the gallery)} for the retrieval tasks, {"findings", "impression", "wrong": [...], optional "kinds"} for
+    too), optional "distractors" (wrong texts added to the gallery)} for the retrieval tasks,
+    {"findings", "impression", "wrong": [...], optional "kinds"} for
     "error". Other fields are kept. Malformed input raises ValueError naming the line."""
     if task not in CASE_KEYS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(CASE_KEYS)}")
@@ -185,7 +186,8 @@ def read_cases_jsonl(path, task):
                 raise ValueError(f"{where}: 'kinds' needs one entry per wrong impression")
             if not isinstance(c.get("other_keys", []), list):
                 raise ValueError(f"{where}: 'other_keys' must be a list of answer keys")
-            if not all(isinstance(d, str) for d in c.get("distractors", [])) or not isinstance(c.get("distractors", []), list):
+            near = c.get("distractors", [])
+            if not isinstance(near, list) or not all(isinstance(d, str) for d in near):
                 raise ValueError(f"{where}: 'distractors' must be a list of texts")
             cases.append(c)
     return cases

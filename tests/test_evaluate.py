@@ -401,6 +401,8 @@ def test_read_cases_jsonl(tmp_path):
             ('{"findings": "a", "impression": "b", "wrong": "c"}\n', "error", "non-empty list"),
             ('{"findings": "a", "impression": "b", "wrong": ["c"], "kinds": []}\n', "error",
              "one entry per"),
+            ('{"query": "a", "answer": "b", "distractors": "c"}\n', "acronym", "line 1: 'distractors' must be a list"),
+            ('{"query": "a", "answer": "b", "distractors": [1]}\n', "paraphrase", "'distractors' must be a list"),
             ('{"query": "a", "answer": "b"}\n', "acronyms", "unknown task")]:
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
