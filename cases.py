@@ -20,7 +20,6 @@ for abnormal impressions they remove or change findings before adding one, and n
 errors can only add a finding) are capped, so that neither length nor the number
 of findings tells the true impression apart. Read every task beside its baseline rows all the same.
 """
-import functools
 import json
 import math
 import os
@@ -114,10 +113,10 @@ def near_duplicates(answer, query, rng, weights, counts, n=DISTRACTORS):
     on the set, a case must have a lighter copy, or it gets none. Among the copies that fit, other changed
     words and other kinds come first. [] when none can be made."""
     norm = lambda text: math.sqrt(sum((c * weights.get(w, 0.0)) ** 2 for w, c in Counter(word_tokens(text)).items()))
-    changed = functools.partial(changed_words, answer)
     options = unseen_edits(answer, query, rng, FAMILY, n_errors=4 * n)
     rng.shuffle(options)
-    unique = {normalize_for_match(c): (c, kind, norm(c) <= norm(answer)) for c, kind in options}  # <=: a tie is lost
+    limit = norm(answer)  # a copy at most this heavy is ranked at or above the answer: a tie is lost
+    unique = {normalize_for_match(c): (c, kind, norm(c) <= limit, changed_words(answer, c)) for c, kind in options}
     options = [o for key, o in unique.items() if key != normalize_for_match(answer)]
     ahead = counts.get("ahead", 0.0)  # how far above chance "commonest words" is on the cases so far
     for m in range(min(n, len(options)), 0, -1):
@@ -125,12 +124,13 @@ def near_duplicates(answer, query, rng, weights, counts, n=DISTRACTORS):
             left, picked, used, kinds = {True: k, False: m - k}, [], set(), Counter()
             rest = list(options)
             while rest and len(picked) < m:  # other words and other kinds first: three edits, not three sizes of one
-                copy, kind, lighter = min(rest, key=lambda o: (changed(o[0]) in used, kinds[o[1]]))
-                rest.remove((copy, kind, lighter))
+                option = min(rest, key=lambda o: (o[3] in used, kinds[o[1]]))
+                rest.remove(option)
+                copy, kind, lighter, changed = option
                 if left[lighter]:
                     left[lighter] -= 1
                     picked.append(copy)
-                    used.add(changed(copy))
+                    used.add(changed)
                     kinds[kind] += 1
             if len(picked) == m:
                 counts[m, k] = counts.get((m, k), 0) + 1

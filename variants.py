@@ -411,8 +411,8 @@ def changed_words(text: str, copy: str) -> tuple[frozenset, frozenset]:
 
 def unseen_edits(text: str, rewrite: str, rng, family: str = "train", n_errors: int = 0) -> list[tuple[str, str]]:
     """[(copy, kind)]: copies of text, whose rewrite (abbreviated, reworded ...) is given, that replace words
-    the rewrite does not hold by words it does not hold either ('No pneumothorax.' -> 'No pneumonia.' when
-    the rewrite says 'No PTX.'): one term swapped ("term"), and up to n_errors single errors (single_errors,
+    the rewrite does not hold by words it does not hold either ('No focal consolidation.' -> 'No focal
+    atelectasis.' when the rewrite says 'No focal consol.'): one term swapped ("term"), and up to n_errors single errors (single_errors,
     its kind). The rewrite's words then match text and copy alike; only what the rewritten words mean
     tells them apart."""
     in_rewrite = set(word_tokens(rewrite))
