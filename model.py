@@ -334,6 +334,30 @@ class TextEncoder(nn.Module):
         return pool(h, attention_mask if embed_mask is None else embed_mask, self.pooling)  # (B, d)
 
 
+def length_buckets(batch: dict, buckets: int, keys=("input_ids", "attention_mask", "embed_mask")):
+    """Split a padded batch (a dict of (N, T) tensors with an attention_mask) into `buckets` groups of rows
+    of similar length, each cut to its own longest row; yields (rows, [batch[k][rows], cut, for k in keys]).
+    A contrastive batch mixes whole reports with short impressions, and one forward pass would pad every
+    impression to the longest report. Padding is contiguous (left or right), so removing the columns no
+    row of the group uses keeps every row's tokens in order; the model masks padding and counts
+    positions over real tokens only (LLM.forward), so a row's output does not depend on its neighbours."""
+    mask = batch["attention_mask"]
+    if buckets == 1:  # the one padded pass, as it is
+        yield torch.arange(len(mask)), [batch[k] for k in keys]
+        return
+    order = mask.sum(1).argsort(stable=True)                            # shortest first
+    for rows in order.chunk(buckets):
+        cols = mask[rows].any(0)
+        yield rows, [batch[k][rows][:, cols] for k in keys]
+
+
+def embed_in_buckets(encoder: TextEncoder, batch: dict, buckets: int) -> torch.Tensor:
+    """encoder(input_ids, attention_mask, embed_mask) of a batch -> (N, d), computed in length_buckets."""
+    parts = [(rows, encoder(*x)) for rows, x in length_buckets(batch, buckets)]
+    rows = torch.cat([r for r, _ in parts])
+    return torch.cat([e for _, e in parts])[rows.argsort()]                # back to the batch's order
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA (Hu et al. 2021); weights.save_adapter / load_adapter read and write PEFT's format
 # ---------------------------------------------------------------------------------------------

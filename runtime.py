@@ -80,6 +80,9 @@ class TextConfig:
     variants_per_report: int = 2   # K equivalent texts per report in a contrastive batch
     hard_negative_share: float = 0.25  # share of reports that add an error-injected copy
     summarize_share: float = 0.25  # share of reports that add a findings -> impression pair
+    impression_negatives: int = 1  # error-injected impressions (each of another kind) per pair, with hard_negative_share
+    sentence_share: float = 0.0    # share of reports that add a rewritten sentence, the sentence and a hard negative
+    length_buckets: int = 1        # forward passes per batch (both stages), over rows of similar length: less padding
     summarize_instruction: str = ""  # prefix of the findings in that pair (with model.instruction set)
     eval_reports: int = 200        # held-out reports for the end-of-stage evaluation
 

@@ -68,6 +68,17 @@ def start_from(cfg, out, device):
     return encoder.llm, tokenizer, os.path.relpath(cfg.text.init, out)
 
 
+def mntp_loss_in_buckets(llm, batch, buckets):
+    """losses.mntp_loss of an MNTP batch, run in `buckets` forward passes over reports of similar length
+    (model.length_buckets): the mean over the masked tokens of all buckets, that of one padded pass."""
+    parts = [(losses.mntp_loss(llm(ids, mask, causal=False), labels, llm.lm_head),    # llm(...): (b, t, d)
+              int((labels[:, 1:] != -100).sum()))
+             for _, (ids, mask, labels) in M.length_buckets(batch, buckets, ("input_ids", "attention_mask", "labels"))]
+    if len(parts) == 1:
+        return parts[0][0]
+    return sum(loss * n for loss, n in parts) / max(1, sum(n for _, n in parts))
+
+
 def contrastive_loss(embeddings, batch, temperature):
     """SupCon (losses.supcon_loss) over the global batch of all processes. The group ids are made
     from every process's rows at once: each row's keys (hashes of its normalised text and of its
@@ -87,6 +98,9 @@ def check_config(cfg, llm):
     if t.contrastive.batch_size % t.variants_per_report or t.variants_per_report < 2:
         raise ValueError(f"text.contrastive.batch_size ({t.contrastive.batch_size}) must be a multiple of "
                          f"text.variants_per_report ({t.variants_per_report}, at least 2)")
+    for key in ("impression_negatives", "length_buckets"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"text.{key} must be at least 1, got {getattr(t, key)}")
     if cfg.model.max_len > llm.config.max_position_embeddings:
         raise ValueError(f"model.max_len {cfg.model.max_len} exceeds the model's limit {llm.config.max_position_embeddings}")
     low = sorted({str(p.dtype) for p in llm.parameters() if p.dtype.itemsize < 4})
@@ -149,8 +163,7 @@ def main(argv):
             batches = data.MNTPBatches(reports["train"], collator, t.mntp.batch_size, cfg.seed)
 
             def loss_fn(net, b):
-                h = net(b["input_ids"], b["attention_mask"], causal=False)       # (B, T, d)
-                return losses.mntp_loss(h, b["labels"], llm.lm_head), int(b["attention_mask"].sum())
+                return mntp_loss_in_buckets(net, b, t.length_buckets), int(b["attention_mask"].sum())
             train_loop("mntp", llm, loss_fn, EndlessBatches(batches, env), t.mntp, cfg, env, run_dir)
         else:
             if encoder.pooler is not None:
@@ -158,10 +171,11 @@ def main(argv):
             batches = data.ContrastiveBatches(
                 reports["train"], tokenizer, pad_id(llm.config), t.contrastive.batch_size, t.variants_per_report,
                 cfg.model.max_len, cfg.model.instruction or None, t.summarize_instruction or None,
-                t.hard_negative_share, t.summarize_share, padding_side=cfg.model.padding_side, seed=cfg.seed)
+                t.hard_negative_share, t.summarize_share, padding_side=cfg.model.padding_side, seed=cfg.seed,
+                impression_negatives=t.impression_negatives, sentence_share=t.sentence_share)
 
             def loss_fn(net, b):
-                e = net(b["input_ids"], b["attention_mask"], b["embed_mask"])      # (N, d)
+                e = M.embed_in_buckets(net, b, t.length_buckets)                  # (N, d)
                 return contrastive_loss(e, b, t.temperature), int(b["attention_mask"].sum())
             train_loop("contrastive", encoder, loss_fn, EndlessBatches(batches, env), t.contrastive, cfg, env, run_dir)
         if env.is_main:

@@ -94,6 +94,9 @@ def test_bad_configs_fail_before_work(tmp_path):
         run(tmp_path, "model.max_len=1000")
     with pytest.raises(ValueError, match="unknown text.stages"):
         run(tmp_path, "text.stages=[mlm]")
+    for key in ("impression_negatives", "length_buckets"):
+        with pytest.raises(ValueError, match=f"text.{key} must be at least 1"):
+            run(tmp_path, f"text.{key}=0")
 
 
 def test_full_fine_tuning_in_bf16_is_refused(tmp_path):
@@ -167,3 +170,46 @@ def test_stage_paths_in_encoder_json_stay_inside_the_run(tmp_path):
             with pytest.raises(ValueError, match=rf"encoder.json: stages\[0\]\.{key} = .* not a path inside"):
                 load()
     load_text_encoder(str(tmp_path / "a" / "text"))  # the run itself loads
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_length_buckets_equal_one_padded_pass(padding_side, openi_sample, smol_tok):
+    """embed_in_buckets: the embeddings and the LoRA gradients of a contrastive batch equal those of one
+    padded forward pass over the whole batch (padding masked, positions of real tokens only), in the
+    batch's row order, while the buckets hold fewer padded tokens."""
+    import model as M
+    cfg = runtime.load_config(TINY, [])
+    llm = build_llm(cfg.model, 0, "cpu")[0]
+    M.add_lora(llm, M.STAGE1_TARGETS, 4, 8, 0.0)
+    for n, p in llm.named_parameters():  # B = 0 would leave A without gradient: give every adapter a value
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    encoder = M.TextEncoder(llm, "mean")
+    batches = data.ContrastiveBatches(openi_sample[:32], smol_tok, pad_id(llm.config), 8, 2, 96,
+                                      hard_negative_share=1.0, summarize_share=1.0, padding_side=padding_side,
+                                      impression_negatives=3, seed=1)
+    batch = batches[0]
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() * 2 < lengths.max()  # reports and short impressions: something to save
+
+    def run_with(embed):
+        llm.zero_grad()
+        e = embed()
+        (e * torch.linspace(-1, 1, e.numel()).view_as(e)).sum().backward()
+        return e.detach(), [p.grad.clone() for p in llm.parameters() if p.requires_grad]
+    want, want_grads = run_with(lambda: encoder(batch["input_ids"], batch["attention_mask"], batch["embed_mask"]))
+    for buckets in (1, 3, len(lengths)):
+        got, grads = run_with(lambda: M.embed_in_buckets(encoder, batch, buckets))
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+        assert all((g - w).abs().max() <= 1e-4 * w.abs().max() + 1e-7 for g, w in zip(grads, want_grads))
+        assert sum(x[0].numel() for _, x in M.length_buckets(batch, buckets)) < batch["input_ids"].numel() or buckets == 1
+
+    # MNTP: the loss over length buckets is the mean over all masked tokens of one padded pass, and so is its gradient
+    collator = data.MNTPCollator(smol_tok, 96, pad_id(llm.config), smol_tok.token_to_id("_"))
+    b = collator([r.text() for r in openi_sample[:8]], seed=3)
+    assert b["attention_mask"].sum(1).min() * 2 < b["attention_mask"].sum(1).max()
+    mntp = lambda: losses.mntp_loss(llm(b["input_ids"], b["attention_mask"], causal=False), b["labels"], llm.lm_head)
+    want, want_grads = run_with(lambda: mntp().view(1, 1))
+    got, grads = run_with(lambda: train_text.mntp_loss_in_buckets(llm, b, 3).view(1, 1))
+    assert abs(got.item() - want.item()) <= 1e-5 * want.item()
+    assert all((g - w).abs().max() <= 1e-4 * w.abs().max() + 1e-7 for g, w in zip(grads, want_grads))
