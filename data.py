@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 
 import synthetic
-from reports import Report, normalize_for_match, normalize_report, split_of
+from reports import Report, abbreviate, normalize_for_match, normalize_report, sentences, split_of
 from reports import read_chexpert_plus, read_mimic, openi_archive_path, read_openi, read_pairs
-from variants import ERROR_KINDS, inject_error, make_variants, unseen_edits
+from variants import ERROR_KINDS, inject_error, make_variants, reword, unseen_edits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +235,10 @@ class ContrastiveBatches(torch.utils.data.Dataset):
     of batch_size // k reports, one group id per report; with probability hard_negative_share a report
     adds an error-injected copy (is_hard_negative, a group of its own), with summarize_share its findings
     (behind summarize_instruction) and impression as one more positive pair, which again with
-    hard_negative_share brings an error-injected impression as a hard negative. Identical texts share a group
+    hard_negative_share brings `impression_negatives` error-injected impressions, each with an error of
+    another kind, as hard negatives: the error-discrimination task, findings against the true impression
+    and wrong ones (short texts: cheap rows); with sentence_share, one rewritten sentence, the sentence and
+    a copy that only the rewritten words tell apart (rewritten_sentence). Identical texts share a group
     across reports. random.Random(seed, epoch, index) draws everything: the same batches with any number
     of workers. Output: input_ids, attention_mask, embed_mask (B, T), group_keys (B, 2) (data.group_keys:
     hashes of the normalised text and of the source report; groups_from_keys turns them into ids, after
@@ -244,13 +247,14 @@ class ContrastiveBatches(torch.utils.data.Dataset):
     def __init__(self, reports: list[Report], tokenizer, pad_id: int, batch_size: int = 48, k: int = 2,
                  max_len: int = 512, instruction: str | None = None, summarize_instruction: str | None = None,
                  hard_negative_share: float = 0.0, summarize_share: float = 0.0, padding_side: str = "left",
-                 seed: int = 0):
+                 seed: int = 0, impression_negatives: int = 1, sentence_share: float = 0.0):
         assert batch_size >= k >= 1
         self.reports, self.tokenizer, self.pad_id, self.k, self.max_len = reports, tokenizer, pad_id, k, max_len
         self.per_batch = batch_size // k
         self.instruction, self.summarize_instruction = instruction, summarize_instruction
         self.hard_negative_share, self.summarize_share = hard_negative_share, summarize_share
-        self.padding_side, self.seed = padding_side, seed
+        self.padding_side, self.seed, self.impression_negatives = padding_side, seed, impression_negatives
+        self.sentence_share = sentence_share
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int):
@@ -276,22 +280,44 @@ class ContrastiveBatches(torch.utils.data.Dataset):
                 rows += [(normalize_report(report.findings), self.summarize_instruction, pair, False),
                          (impression, self.instruction, pair, False)]
                 # the impression with one error: its findings must tell it from the true one
-                rows += self.hard_negative(impression, -1 - pair, rng)
+                rows += self.hard_negative(impression, -1 - pair, rng, n=self.impression_negatives)
+            if self.sentence_share and rng.random() < self.sentence_share:  # at 0, the draws of before
+                rows += self.rewritten_sentence(report, 2 * len(self.reports) + j, rng)
         return rows
 
-    def hard_negative(self, text, source, rng, chosen=()):
+    def rewritten_sentence(self, report, source, rng):
+        """Three short rows: one sentence of the report abbreviated or reworded (training family) and the
+        sentence itself as positives, and the sentence with a term swapped exactly where the rewrite changed
+        it as their hard negative (variants.unseen_edits). Between whole reports the unchanged rest of the
+        text makes the match; in one sentence only what the rewritten words mean does. [] if no sentence
+        allows it."""
+        sents = sentences(normalize_report(report.text()))
+        for sentence in rng.sample(sents, len(sents)):
+            rewrite = abbreviate(sentence, "train") if rng.random() < 0.5 else reword(sentence, rng, "train", 1.0)[0]
+            copies = unseen_edits(sentence, rewrite, rng) if rewrite != sentence else []
+            if copies:
+                return [(rewrite, self.instruction, source, False), (sentence, self.instruction, source, False),
+                        (rng.choice(copies)[0], self.instruction, -1 - source, True)]
+        return []
+
+    def hard_negative(self, text, source, rng, chosen=(), n=1):
         """With probability hard_negative_share, one row: where two chosen variants differ in words (abbreviated
         and expanded, reworded), the second changed only where the first rewrote it (variants.unseen_edits:
-        only reading the rewritten words tells them apart); else text with an error of a random kind."""
-        if rng.random() < self.hard_negative_share:
-            edits = unseen_edits(chosen[1], chosen[0], rng) if len(chosen) > 1 else []
-            if edits:
-                return [(rng.choice(edits)[0], self.instruction, source, True)]
-            for kind in rng.sample(ERROR_KINDS, len(ERROR_KINDS)):
-                wrong = inject_error(text, kind, rng)
-                if wrong:
-                    return [(wrong, self.instruction, source, True)]
-        return []
+        only reading the rewritten words tells them apart); else up to n rows: text with an error of a
+        random kind, each of another kind."""
+        if rng.random() >= self.hard_negative_share:
+            return []
+        edits = unseen_edits(chosen[1], chosen[0], rng) if len(chosen) > 1 else []
+        if edits:
+            return [(rng.choice(edits)[0], self.instruction, source, True)]
+        wrongs = []
+        for kind in rng.sample(ERROR_KINDS, len(ERROR_KINDS)):
+            wrong = inject_error(text, kind, rng)
+            if wrong and wrong not in wrongs:
+                wrongs.append(wrong)
+                if len(wrongs) == n:
+                    break
+        return [(wrong, self.instruction, source, True) for wrong in wrongs]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rows = self.rows(index)

@@ -1,7 +1,9 @@
 """Tests of data.py: reports for a config (without the val / test reports seen in training), tokens
 and instruction encoding, MNTP masking, contrastive batches, image loading, transforms and the CLIP
 datasets."""
+import collections
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 from PIL import Image
 
 import data
-from reports import (Report, normalize_for_match)
+from reports import Report, normalize_for_match, normalize_report
 from synthetic import synth_study
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -202,6 +204,51 @@ def test_contrastive_batches(openi_sample, tiny_tok):
     assert batches.rows(0) != rows
     right = data.ContrastiveBatches(reports, tiny_tok, 0, batch_size=8, k=2, padding_side="right")
     assert (right[0]["attention_mask"][:, 0] == 1).all()
+
+
+def test_several_impression_negatives(openi_sample, tiny_tok):
+    """impression_negatives=3: each findings -> impression pair brings up to three wrong impressions, all
+    different, each differing from the true one, in the pair's own group of hard negatives; the rows
+    of the reports themselves are those of impression_negatives=1 (up to the random draws after them)."""
+    reports = openi_sample[:64]
+    make = lambda n: data.ContrastiveBatches(reports, tiny_tok, 0, batch_size=16, k=2, max_len=64,
+                                             hard_negative_share=1.0, summarize_share=1.0, seed=0,
+                                             impression_negatives=n)
+    counts = []
+    for i in range(4):
+        rows, one = make(3).rows(i), make(1).rows(i)
+        assert rows[:3] == one[:3]  # the first report's variants and hard negative are drawn alike
+        for pair in {r[2] for r in rows if r[2] >= len(reports)}:
+            impression = next(r[0] for r in rows if r[2] == pair and r[1] is None and not r[3]
+                              and r[0] == normalize_report(reports[pair - len(reports)].impression))
+            wrong = [r[0] for r in rows if r[2] == -1 - pair]
+            assert all(r[3] for r in rows if r[2] == -1 - pair)
+            assert len(set(wrong)) == len(wrong) <= 3 and impression not in wrong
+            counts.append(len(wrong))
+    assert max(counts) == 3 and sum(counts) > 1.5 * len(counts)
+
+
+def test_rewritten_sentence_rows(openi_sample, tiny_tok):
+    """sentence_share=1: most reports add a sentence of theirs rewritten (abbreviated or reworded), the
+    sentence, and a hard negative: the sentence with words replaced that the rewrite does not contain, so
+    that the rewrite's own words match sentence and copy alike."""
+    reports = openi_sample[:64]
+    batches = data.ContrastiveBatches(reports, tiny_tok, 0, batch_size=16, k=2, max_len=64, seed=0,
+                                      sentence_share=1.0)
+    words = lambda text: collections.Counter(re.findall(r"[a-z0-9]+", text.lower()))  # a multiset
+    n_reports = n_triples = 0
+    for i in range(3):
+        rows = batches.rows(i)
+        n_reports += len({r[2] for r in rows if 0 <= r[2] < len(reports)})
+        for source in {r[2] for r in rows if r[2] >= 2 * len(reports)}:
+            (rewrite, *_), (sentence, *_) = [r for r in rows if r[2] == source]
+            (copy, _, _, hard), = [r for r in rows if r[2] == -1 - source]
+            report = normalize_report(reports[source - 2 * len(reports)].text())
+            assert hard and sentence in report and rewrite != sentence and copy != sentence
+            removed, added = words(sentence) - words(copy), words(copy) - words(sentence)
+            assert removed and added and not set(removed | added) & set(words(rewrite)), (sentence, rewrite, copy)
+            n_triples += 1
+    assert n_triples >= 0.6 * n_reports
 
 
 # ---------------------------------------------------------------------------------------------
