@@ -13,8 +13,9 @@ outputs (a JSON per run) stay in results/ablations/ (--out), which is not commit
 
 1. The text-encoder recipe, on held-out real Open-I test reports (evaluate.py): the raw LLM (causal,
    mean pooling, the paper's baseline), the same bidirectional, + MNTP, + MNTP + contrastive (the
-   small.yaml recipe), and that recipe without hard negatives, with latent-attention pooling, with
-   last-token pooling. One MNTP run per seed feeds every contrastive run (text.init).
+   small.yaml recipe), and that recipe without hard negatives, without the rewritten sentences, with
+   latent-attention pooling, with last-token pooling. One MNTP run per seed feeds every contrastive run
+   (text.init).
 2. Mixing report styles in CLIP (synthetic radiographs, frozen text tower): (a) 1,000 studies in one
    prose style (mimic) against (b) 2,000 studies, half in that style and half in abbreviation-rich
    hospital shorthand, each with the raw LLM run bidirectionally (raw_bidirectional) and with the
@@ -38,12 +39,14 @@ FROM_MNTP = ["text.stages=[contrastive]", "text.init={mntp}/text"]
 TEXT_RUNS = {"mntp": ["text.stages=[mntp]"],
              "contrastive": FROM_MNTP,
              "no_hard_negatives": FROM_MNTP + ["text.hard_negative_share=0"],
+             "no_sentences": FROM_MNTP + ["text.sentence_share=0"],
              "latent_attention": FROM_MNTP + ["model.pooling=latent_attention"],
              "last_token": FROM_MNTP + ["model.pooling=last_token"]}
 # table 1: row -> evaluate.py's eval.models entry (a raw model, or one of TEXT_RUNS)
 TEXT_ROWS = {"raw LLM (causal, mean pooling)": "raw", "raw LLM, bidirectional": "raw_bidirectional",
              "+ MNTP": "mntp", "+ MNTP + contrastive (small.yaml)": "contrastive",
              "... without hard negatives": "no_hard_negatives",
+             "... without rewritten sentences": "no_sentences",
              "... latent-attention pooling": "latent_attention", "... last-token pooling": "last_token"}
 TEXT_METRICS = {"acronym R@1": ("acronym", "R@1"), "paraphrase R@1": ("paraphrase", "R@1"),
                 "summarisation R@1": ("summarisation", "R@1"), "summarisation label R@1": ("summarisation_label", "R@1"),
@@ -83,13 +86,15 @@ def sweep(config, seeds, out, extra, log, text_only=False):
         for name, overrides in TEXT_RUNS.items():
             run("train_text.py", config, common + [o.format(mntp=f"{d}/mntp") for o in overrides], f"{d}/{name}",
                 f"{d}/{name}/text/encoder.json", log)
-        models = [m if m.startswith("raw") else f"{d}/{m}" for m in TEXT_ROWS.values()]
-        run("evaluate.py", config, common + [f"eval.models=[{','.join(models)}]"], f"{d}/text_eval",
-            f"{d}/text_eval/eval/results.json", log)
-        with open(os.path.join(ROOT, d, "text_eval", "eval", "results.json")) as f:
-            text = json.load(f)["text"]
-        found[seed] = {"text": {m: text["models"][path] for m, path in zip(TEXT_ROWS.values(), models)},
-                       "baselines": text["baselines"], "clip": {}}
+        found[seed] = {"text": {}, "clip": {}}
+        for entry in TEXT_ROWS.values():  # one evaluate.py run a row: a changed recipe re-evaluates its row only
+            model = entry if entry.startswith("raw") else f"{d}/{entry}"
+            run("evaluate.py", config, common + [f"eval.models=[{model}]"], f"{d}/eval_{entry}",
+                f"{d}/eval_{entry}/eval/results.json", log)
+            with open(os.path.join(ROOT, d, f"eval_{entry}", "eval", "results.json")) as f:
+                text = json.load(f)["text"]  # every row of a seed is evaluated on the same cases (seed, data)
+            found[seed]["text"][entry] = text["models"][model]
+            found[seed].setdefault("baselines", text["baselines"])
         for mix, mix_overrides in {} if text_only else MIXES.items():
             for encoder, enc_overrides in ENCODERS.items():
                 run_dir = f"{d}/clip_{mix}_{encoder}"
@@ -196,7 +201,8 @@ def bar_chart(panels, path, size=(1100, 420)):
 def plot(found, path):
     seeds = list(found)
     text_rows = {"raw LLM": "raw", "raw, bidirectional": "raw_bidirectional", "+ MNTP": "mntp",
-                 "+ MNTP + contrastive": "contrastive", "... no hard negatives": "no_hard_negatives"}
+                 "+ MNTP + contrastive": "contrastive", "... no hard negatives": "no_hard_negatives",
+                 "... no rewritten sentences": "no_sentences"}
     text_rows = {label: entry for label, entry in text_rows.items() if entry in TEXT_ROWS.values()}
     metrics = {"acronym R@1": ("acronym", "R@1"), "paraphrase R@1": ("paraphrase", "R@1"),
                "summ. R@1": ("summarisation", "R@1"), "error top-1": ("error", "top1_accuracy")}

@@ -4,6 +4,7 @@ what each run wrote, checked here against numbers computed by hand."""
 import importlib.util
 import json
 import os
+import shutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("ablations", os.path.join(ROOT, "configs", "ablations.py"))
@@ -55,7 +56,7 @@ def test_sweep_runs_each_command_once_and_tables_are_mean_and_std(monkeypatch, t
     commands = fake_sweep(monkeypatch, tmp_path)
     log = {}
     found = ablations.sweep("configs/small.yaml", [0, 1, 2], "res", [], log)
-    per_seed = len(ablations.TEXT_RUNS) + 1 + len(ablations.MIXES) * len(ablations.ENCODERS)
+    per_seed = len(ablations.TEXT_RUNS) + len(ablations.TEXT_ROWS) + len(ablations.MIXES) * len(ablations.ENCODERS)
     assert len(commands) == 3 * per_seed and len(log) == 3 * per_seed
     contrastive = [o for s, o in commands if s == "train_text.py" and o["out_dir"] == "res/seed1/contrastive"][0]
     assert contrastive["text.init"] == "res/seed1/mntp/text" and contrastive["seed"] == "1"
@@ -64,6 +65,11 @@ def test_sweep_runs_each_command_once_and_tables_are_mean_and_std(monkeypatch, t
 
     assert ablations.sweep("configs/small.yaml", [0, 1, 2], "res", [], log) == found  # all done: nothing reruns
     assert len(commands) == 3 * per_seed
+    shutil.rmtree(tmp_path / "res" / "seed1" / "contrastive")  # a changed recipe: its runs and its row only
+    shutil.rmtree(tmp_path / "res" / "seed1" / "eval_contrastive")
+    assert ablations.sweep("configs/small.yaml", [0, 1, 2], "res", [], log) == found
+    assert [o["out_dir"] for _, o in commands[3 * per_seed:]] == ["res/seed1/contrastive", "res/seed1/eval_contrastive"]
+    assert commands[-1][1]["eval.models"] == "[res/seed1/contrastive]"
 
     main, per_kind, _ = ablations.text_tables(found)
     row = next(line for line in main.splitlines() if line.startswith("| + MNTP |"))
