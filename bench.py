@@ -2,6 +2,7 @@
 
     python bench.py                 # every benchmark
     python bench.py model mntp      # only these
+    python bench.py batches --dtype fp32   # the training steps on small.yaml's real batches (CPU: fp32)
 
 Reported as ratios ours / reference, since absolute numbers on shared machines are noisy.
 transformers and peft are used here only as references.
@@ -163,7 +164,7 @@ def lora_pair(dropout, layers=None, dtype=torch.float32):
     on q/k/v/o/gate/up/down, the same non-zero adapter weights), both bidirectional as LLM2Vec makes
     the HF model (no causal mask in any layer)."""
     from peft import LoraConfig, get_peft_model
-    ours, ref, _ = smollm2_pair(dtype)  # the base in dtype, the adapters fp32 in both
+    ours, ref, tok = smollm2_pair(dtype)  # the base in dtype, the adapters fp32 in both
     ref.config.is_causal = False
     for m in ref.modules():
         if hasattr(m, "is_causal"):
@@ -181,7 +182,7 @@ def lora_pair(dropout, layers=None, dtype=torch.float32):
     assert not missing, sorted(missing)[:3]
     ref.load_state_dict({"base_model.model." + k.replace(".weight", ".default.weight"): v for k, v in lora.items()},
                         strict=False)
-    return ours, ref
+    return ours, ref, tok
 
 
 def bench_train(args):
@@ -201,7 +202,7 @@ def bench_train(args):
     peaks = [matmul_peak(dtype)]
     rows = []
     for dropout, layers in ((0.0, None), (0.05, None), (0.05, args.lora_layers)):
-        ours, ref = lora_pair(dropout, layers, dtype)
+        ours, ref, _ = lora_pair(dropout, layers, dtype)
         c = ours.config
         ids, labels = mntp_batch(None, B, T, c.vocab_size)
         mask = torch.ones_like(ids)
@@ -263,6 +264,78 @@ def bench_train(args):
     return rows
 
 
+def bench_batches(args):
+    """One MNTP and one contrastive training step on the batches configs/small.yaml trains on (Open-I
+    training reports; a contrastive batch holds whole reports beside short impressions, their wrong
+    copies and rewritten sentences), LoRA r 16 on the top --lora-layers layers, dropout 0, in --dtype: ours in --buckets forward
+    passes over rows of similar length (text.length_buckets) against transformers + peft on the same batch
+    in one pass padded to its longest row (as LLM2Vec pads a batch), and against ours in one padded pass.
+    Both models get the same positions (counted over real tokens) and compute the same losses
+    (loss_rel_diff). Each timed run is a step on each of --reps different batches."""
+    import data
+    import losses
+    import train_text
+    from encoders import pad_id
+    from runtime import load_config
+    cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "small.yaml"), [])
+    t, dtype = cfg.text, torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    reports = data.load_reports(cfg)["train"]
+    ours, ref, tok = lora_pair(0.0, args.lora_layers, dtype)
+    ours.train(), ref.train()
+    encoder, ref_llm, pad = M.TextEncoder(ours, "mean"), ref.base_model.model.model, pad_id(ours.config)
+    device = lambda b: {k: v.to(DEVICE) for k, v in b.items()}
+    contrastive = data.ContrastiveBatches(reports, tok, pad, t.contrastive.batch_size, t.variants_per_report,
+                                          cfg.model.max_len, hard_negative_share=t.hard_negative_share,
+                                          summarize_share=t.summarize_share, impression_negatives=t.impression_negatives,
+                                          sentence_share=t.sentence_share)
+    collator = data.MNTPCollator(tok, cfg.model.max_len, pad, tok.token_to_id(t.mask_token), t.mask_prob)
+    mntp = data.MNTPBatches(reports, collator, t.mntp.batch_size, seed=0)
+    batches = {"contrastive": [device(contrastive[i]) for i in range(args.reps)],
+               "mntp": [device(mntp[i]) for i in range(args.reps)]}
+
+    def hidden_ref(b):  # the reference, with our positions: over real tokens, as for a right-padded row
+        positions = (b["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        return ref_llm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=positions).last_hidden_state
+
+    def supcon(e, b):
+        return losses.supcon_loss(e.float(), data.groups_from_keys(b["group_keys"].cpu()).to(DEVICE), t.temperature,
+                                  b["is_hard_negative"])
+    losses_of = {
+        "contrastive": {
+            "ours": lambda b: supcon(M.embed_in_buckets(encoder, b, args.buckets), b),
+            "ours_one_pass": lambda b: supcon(encoder(b["input_ids"], b["attention_mask"], b["embed_mask"]), b),
+            "ref": lambda b: supcon(M.pool(hidden_ref(b), b["embed_mask"], "mean"), b)},
+        "mntp": {
+            "ours": lambda b: train_text.mntp_loss_in_buckets(ours, b, args.buckets),
+            "ours_one_pass": lambda b: losses.mntp_loss(ours(b["input_ids"], b["attention_mask"], causal=False),
+                                                        b["labels"], ours.lm_head),
+            "ref": lambda b: losses.mntp_loss(hidden_ref(b), b["labels"], ref.base_model.model.lm_head)}}
+    rows = []
+    for stage, fns in losses_of.items():
+        with torch.no_grad():
+            got = {name: torch.stack([fn(b) for b in batches[stage]]) for name, fn in fns.items()}
+
+        def steps(fn):
+            def run():
+                for b in batches[stage]:
+                    with autocast(args.dtype):
+                        loss = fn(b)
+                    loss.backward()
+                    ours.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)
+            return run
+        times = timeit_many({name: steps(fn) for name, fn in fns.items()}, reps=3)
+        real = sum(int(b["attention_mask"].sum()) for b in batches[stage])
+        padded = sum(b["attention_mask"].numel() for b in batches[stage])
+        rows.append(dict(bench="real_batches", stage=stage, dtype=args.dtype, buckets=args.buckets,
+                         lora_layers=args.lora_layers, rows_per_batch=batches[stage][0]["input_ids"].shape[0],
+                         real_token_share=real / padded, ours_tok_s=real / times["ours"],
+                         ratio_vs_ref=times["ref"] / times["ours"],
+                         ratio_one_pass_vs_ref=times["ref"] / times["ours_one_pass"],
+                         loss_rel_diff=((got["ours"] - got["ref"]).abs().max() / got["ref"].abs().max()).item(),
+                         ours_peak_mb=peak_rss_mb(steps(fns["ours"])), ref_peak_mb=peak_rss_mb(steps(fns["ref"]))))
+    return rows
+
+
 def bench_synthetic(args):
     """Synthetic radiographs: images per second at 256 px in one process (target: 10,000 in < 60 s)."""
     n = args.synthetic_n
@@ -297,8 +370,8 @@ def bench_retrieval(args):
     return rows
 
 
-BENCHES = {"model": bench_model, "mntp": bench_mntp, "train": bench_train, "synthetic": bench_synthetic,
-           "retrieval": bench_retrieval}
+BENCHES = {"model": bench_model, "mntp": bench_mntp, "train": bench_train, "batches": bench_batches,
+           "synthetic": bench_synthetic, "retrieval": bench_retrieval}
 
 
 def main():
@@ -308,7 +381,9 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="train: the base weights and compute")
-    p.add_argument("--lora-layers", type=int, default=8, help="train: LoRA on the top N layers only, too")
+    p.add_argument("--lora-layers", type=int, default=8, help="train: LoRA on the top N layers only, too; batches: "
+                   "LoRA on the top N layers")
+    p.add_argument("--buckets", type=int, default=3, help="batches: forward passes per batch, by length")
     p.add_argument("--synthetic-n", type=int, default=10_000)
     p.add_argument("--out", default="bench_results.json")
     args = p.parse_args()
