@@ -306,7 +306,7 @@ def bench_batches(args):
             "ours_one_pass": lambda b: supcon(encoder(b["input_ids"], b["attention_mask"], b["embed_mask"]), b),
             "ref": lambda b: supcon(M.pool(hidden_ref(b), b["embed_mask"], "mean"), b)},
         "mntp": {
-            "ours": lambda b: train_text.mntp_loss_in_buckets(ours, b, args.buckets),
+            "ours": lambda b: train_text.mntp_loss_in_buckets(ours, ours.lm_head, b, args.buckets),
             "ours_one_pass": lambda b: losses.mntp_loss(ours(b["input_ids"], b["attention_mask"], causal=False),
                                                         b["labels"], ours.lm_head),
             "ref": lambda b: losses.mntp_loss(hidden_ref(b), b["labels"], ref.base_model.model.lm_head)}}

@@ -68,10 +68,11 @@ def start_from(cfg, out, device):
     return encoder.llm, tokenizer, os.path.relpath(cfg.text.init, out)
 
 
-def mntp_loss_in_buckets(llm, batch, buckets):
+def mntp_loss_in_buckets(llm, lm_head, batch, buckets):
     """losses.mntp_loss of an MNTP batch, run in `buckets` forward passes over reports of similar length
-    (model.length_buckets): the mean over the masked tokens of all buckets, that of one padded pass."""
-    parts = [(losses.mntp_loss(llm(ids, mask, causal=False), labels, llm.lm_head),    # llm(...): (b, t, d)
+    (model.length_buckets): the mean over the masked tokens of all buckets, that of one padded pass.
+    llm: the model as trained (under torchrun its DDP wrapper), lm_head: its LM head."""
+    parts = [(losses.mntp_loss(llm(ids, mask, causal=False), labels, lm_head),        # llm(...): (b, t, d)
               int((labels[:, 1:] != -100).sum()))
              for _, (ids, mask, labels) in M.length_buckets(batch, buckets, ("input_ids", "attention_mask", "labels"))]
     if len(parts) == 1:
@@ -163,7 +164,7 @@ def main(argv):
             batches = data.MNTPBatches(reports["train"], collator, t.mntp.batch_size, cfg.seed)
 
             def loss_fn(net, b):
-                return mntp_loss_in_buckets(net, b, t.length_buckets), int(b["attention_mask"].sum())
+                return mntp_loss_in_buckets(net, llm.lm_head, b, t.length_buckets), int(b["attention_mask"].sum())
             train_loop("mntp", llm, loss_fn, EndlessBatches(batches, env), t.mntp, cfg, env, run_dir)
         else:
             if encoder.pooler is not None:

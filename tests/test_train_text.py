@@ -210,6 +210,6 @@ def test_length_buckets_equal_one_padded_pass(padding_side, openi_sample, smol_t
     assert b["attention_mask"].sum(1).min() * 2 < b["attention_mask"].sum(1).max()
     mntp = lambda: losses.mntp_loss(llm(b["input_ids"], b["attention_mask"], causal=False), b["labels"], llm.lm_head)
     want, want_grads = run_with(lambda: mntp().view(1, 1))
-    got, grads = run_with(lambda: train_text.mntp_loss_in_buckets(llm, b, 3).view(1, 1))
+    got, grads = run_with(lambda: train_text.mntp_loss_in_buckets(llm, llm.lm_head, b, 3).view(1, 1))
     assert abs(got.item() - want.item()) <= 1e-5 * want.item()
     assert all((g - w).abs().max() <= 1e-4 * w.abs().max() + 1e-7 for g, w in zip(grads, want_grads))
