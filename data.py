@@ -282,16 +282,16 @@ class ContrastiveBatches(torch.utils.data.Dataset):
                 # the impression with one error: its findings must tell it from the true one
                 rows += self.hard_negative(impression, -1 - pair, rng, n=self.impression_negatives)
             if self.sentence_share and rng.random() < self.sentence_share:  # at 0, the draws of before
-                rows += self.rewritten_sentence(report, 2 * len(self.reports) + j, rng)
+                rows += self.rewritten_sentence(pool[0], 2 * len(self.reports) + j, rng)
         return rows
 
-    def rewritten_sentence(self, report, source, rng):
-        """Three short rows: one sentence of the report abbreviated or reworded (training family) and the
+    def rewritten_sentence(self, text, source, rng):
+        """Three short rows: one sentence of the (normalised) report text abbreviated or reworded (training family) and the
         sentence itself as positives, and the sentence with a term swapped exactly where the rewrite changed
         it as their hard negative (variants.unseen_edits). Between whole reports the unchanged rest of the
         text makes the match; in one sentence only what the rewritten words mean does. [] if no sentence
         allows it."""
-        sents = sentences(normalize_report(report.text()))
+        sents = sentences(text)
         for sentence in rng.sample(sents, len(sents)):
             rewrite = abbreviate(sentence, "train") if rng.random() < 0.5 else reword(sentence, rng, "train", 1.0)[0]
             copies = unseen_edits(sentence, rewrite, rng) if rewrite != sentence else []

@@ -204,12 +204,27 @@ def test_length_buckets_equal_one_padded_pass(padding_side, openi_sample, smol_t
         assert all((g - w).abs().max() <= 1e-4 * w.abs().max() + 1e-7 for g, w in zip(grads, want_grads))
         assert sum(x[0].numel() for _, x in M.length_buckets(batch, buckets)) < batch["input_ids"].numel() or buckets == 1
 
-    # MNTP: the loss over length buckets is the mean over all masked tokens of one padded pass, and so is its gradient
+
+def test_mntp_in_length_buckets_equals_one_padded_pass(openi_sample, smol_tok):
+    """mntp_loss_in_buckets: the loss over length buckets is the mean over all masked tokens of one padded
+    pass (losses.mntp_loss on the whole batch), and so is its gradient."""
+    import model as M
+    llm = build_llm(runtime.load_config(TINY, []).model, 0, "cpu")[0]
+    M.add_lora(llm, M.STAGE1_TARGETS, 4, 8, 0.0)
+    for n, p in llm.named_parameters():  # B = 0 would leave A without gradient: give every adapter a value
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+
+    def run_with(loss):
+        llm.zero_grad()
+        value = loss()
+        value.backward()
+        return value.detach(), [p.grad.clone() for p in llm.parameters() if p.requires_grad]
     collator = data.MNTPCollator(smol_tok, 96, pad_id(llm.config), smol_tok.token_to_id("_"))
     b = collator([r.text() for r in openi_sample[:8]], seed=3)
     assert b["attention_mask"].sum(1).min() * 2 < b["attention_mask"].sum(1).max()
     mntp = lambda: losses.mntp_loss(llm(b["input_ids"], b["attention_mask"], causal=False), b["labels"], llm.lm_head)
-    want, want_grads = run_with(lambda: mntp().view(1, 1))
-    got, grads = run_with(lambda: train_text.mntp_loss_in_buckets(llm, llm.lm_head, b, 3).view(1, 1))
+    want, want_grads = run_with(mntp)
+    got, grads = run_with(lambda: train_text.mntp_loss_in_buckets(llm, llm.lm_head, b, 3))
     assert abs(got.item() - want.item()) <= 1e-5 * want.item()
     assert all((g - w).abs().max() <= 1e-4 * w.abs().max() + 1e-7 for g, w in zip(grads, want_grads))
