@@ -15,10 +15,12 @@ to three wrong copies of it changed only where the query was rewritten (near_dup
 consol.' -> 'No focal consolidation.' beside 'No focal atelectasis.'): the words the query shares with
 its answer find the copies, and only reading the abbreviation or the reworded phrase finds the answer
 among them. A bag of words scores about 1 / (1 + copies) there ("chance_among_copies"); reports that
-allow no such copy are left out. Wrong impressions are edited in place and keep the true one's length;
-for abnormal impressions they remove or change findings before adding one, and normal impressions (whose
-errors can only add a finding) are capped, so that neither length nor the number
-of findings tells the true impression apart. Read every task beside its baseline rows all the same.
+allow no such copy are left out. Wrong impressions are edited in place and keep the true one's length, and
+the findings contradict each of them (variants.contradicted: 'Cardiomegaly' -> 'Mild cardiomegaly' beside
+'The heart is enlarged' is no error a reader of the findings can find). For abnormal impressions they
+remove or change findings before adding one (at least one does), and normal impressions (whose errors can
+only add a finding) make at most NORMAL_SHARE of the cases, so that neither length nor the number of
+findings tells the true impression apart. Read every task beside its baseline rows all the same.
 """
 import json
 import math
@@ -41,7 +43,7 @@ PARAPHRASE_STYLES = ("shuffled", "partitioned", "paraphrased")
 REWORDINGS = 3  # rewordings tried per style, for one whose rewritten words allow a near-duplicate
 DISTRACTORS = 3  # near-duplicates of each acronym / paraphrase answer added to the gallery
 FAMILY = "eval"  # the rules of the cases: never those that make stage 1's training variants
-NORMAL_SHARE = 0.2  # about the most error cases with a normal impression may make (its errors all add a finding)
+NORMAL_SHARE = 0.2  # the most of the error cases that normal impressions may make (their errors all add a finding)
 
 
 def build_text_cases(reports, rng, n=None, dropped=None, weights=None):
@@ -66,8 +68,8 @@ def build_text_cases(reports, rng, n=None, dropped=None, weights=None):
     cases = {task: [] for task in CASE_KEYS}
     with_pair = [r for r in reports if r.findings and r.impression]
     normal = lambda report: not positive_findings(report.impression)
-    normal_left = int(NORMAL_SHARE / (1 - NORMAL_SHARE) * sum(not normal(r) for r in with_pair))
     counts = {}  # kinds (and lengths) of the wrong impressions so far, which error_impressions balances
+    error_rng = random.Random(rng.random())  # a stream of their own: the error cases change none of the others
     for report in reports:
         variants = make_variants(report, rng, family=FAMILY)
         # make_variants leaves out "expanded" when it equals the report (no abbreviations to expand)
@@ -92,14 +94,16 @@ def build_text_cases(reports, rng, n=None, dropped=None, weights=None):
             dropped["paraphrase"] = dropped.get("paraphrase", 0) + 1
         if report.findings and report.impression:
             cases["summarisation"].append(case(report.findings, report.impression))
-            if normal(report):
-                if normal_left == 0:
-                    continue
-                normal_left -= 1
-            errors = error_impressions(report.impression, rng, n=3, family=FAMILY, counts=counts)
-            if errors:
-                cases["error"].append({"findings": report.findings, "impression": report.impression,
-                                       "wrong": errors[0], "kinds": errors[1], "changed": errors[2]})
+    made = {False: 0, True: 0}  # error cases of abnormal | normal impressions; abnormal ones first, which cap the rest
+    for report in sorted(with_pair, key=normal):
+        if normal(report) and made[True] + 1 > NORMAL_SHARE / (1 - NORMAL_SHARE) * made[False]:
+            break
+        errors = error_impressions(report.impression, error_rng, n=3, family=FAMILY, counts=counts,
+                                   findings=report.findings)
+        if errors:
+            made[normal(report)] += 1
+            cases["error"].append({"findings": report.findings, "impression": report.impression,
+                                   "wrong": errors[0], "kinds": errors[1], "changed": errors[2]})
     return cases
 
 

@@ -277,11 +277,31 @@ def _reading(text):
     return label_report(text), extract_attributes(text)
 
 
-def _errors(text, kind, rng, family, avoid=(), longer=None):
+def contradicted(findings: str, true: str, wrong: str, obs: str) -> bool:
+    """Whether the findings say the wrong impression is wrong where it differs from the true one about obs:
+    a finding it adds is not reported in the findings (or is denied there), one it denies is reported, a
+    side, severity, place or size it gives is not the findings' while the findings give one. An edit the
+    findings are silent on ('Cardiomegaly' -> 'Mild cardiomegaly' beside 'The heart is enlarged'), or that
+    they support ('... mildly enlarged'), is no error a reader of the findings can find."""
+    (f, f_attr), (t, t_attr), (w, w_attr) = _reading(findings), _reading(true), _reading(wrong)
+    present = lambda labels: labels.get(obs) in (1, -1)
+    if present(t) != present(w):  # a finding added or denied
+        return present(f) == present(t)
+    given = f_attr.get(obs, {})
+    for key in ("laterality", "severity", "location", "measurements"):
+        said, new = set(given.get(key, ())), set(w_attr.get(obs, {}).get(key, ())) - set(t_attr.get(obs, {}).get(key, ()))
+        gone = set(t_attr.get(obs, {}).get(key, ())) - set(w_attr.get(obs, {}).get(key, ()))
+        if new or gone:
+            return bool(said) and not new & said and bool(new or gone & said)
+    return False
+
+
+def _errors(text, kind, rng, family, avoid=(), longer=None, against=None):
     """(wrong text, the observation whose reading changed) for one error of `kind`, or None. Among the
     edits within LENGTH_TOLERANCE, the one nearest a random length in that band (above the text's length
     or below it when `longer` says so) that changes what the labeler reads of its observation (label, or
-    laterality / severity / location / measurements)."""
+    laterality / severity / location / measurements) and, given `against` (the findings of an impression),
+    that they contradict (`contradicted`)."""
     rng, sents = _as_random(rng), sentences(normalize_report(text))
     before = _reading(" ".join(sents))
     sign = rng.choice([-1, 1]) if longer is None else 1 if longer else -1
@@ -292,7 +312,8 @@ def _errors(text, kind, rng, family, avoid=(), longer=None):
              if abs(len(t) - n) <= LENGTH_TOLERANCE * n and normalize_for_match(t) not in seen]
     rng.shuffle(cands)
     for wrong, obs in sorted(cands, key=lambda c: abs(len(c[0]) - target)):
-        if changed := _changed(before, wrong, kind, obs):
+        if (changed := _changed(before, wrong, kind, obs)) and (against is None
+                                                                or contradicted(against, text, wrong, changed)):
             return wrong, changed
     return None
 
@@ -331,14 +352,17 @@ def inject_error(text: str, kind: str, rng: random.Random, family: str = "train"
     return error and error[0]
 
 
-def error_impressions(impression: str, rng, n: int = 3, family: str = "eval", counts: dict | None = None):
+def error_impressions(impression: str, rng, n: int = 3, family: str = "eval", counts: dict | None = None,
+                      findings: str | None = None):
     """n copies of an impression with one injected error each, of different kinds where enough kinds
     apply: the wrong candidates of the error-discrimination task. Shared across a case set, counts
     (kind -> times used; ('longer', k) -> cases with k wrong impressions longer than the true one) is
     updated and balances both: the least used kinds come first, for an abnormal impression the kinds that
     remove or change a finding before those that add one (else "pick the impression with the fewest
-    findings" wins), and the least used k that the kinds allow (else "pick the shortest" wins).
-    (wrong texts, their kinds, the observation each changed) or None."""
+    findings" wins; None where only additions apply), and the least used k that the kinds allow (else
+    "pick the shortest" wins).
+    Given the findings, only errors they contradict (`contradicted`): the findings tell every wrong
+    impression from the true one. (wrong texts, their kinds, the observation each changed) or None."""
     rng, counts = _as_random(rng), {} if counts is None else counts
     abnormal = bool(positive_findings(impression))
     kinds = list(ERROR_KINDS)
@@ -348,7 +372,8 @@ def error_impressions(impression: str, rng, n: int = 3, family: str = "eval", co
     options = []  # (kind, error): up to two shorter and two longer errors of each kind
     for kind in kinds:
         for want in (False, True, False, True):
-            error = _errors(impression, kind, rng, family, avoid=[e[0] for _, e in options], longer=want)
+            error = _errors(impression, kind, rng, family, avoid=[e[0] for _, e in options], longer=want,
+                            against=findings)
             options += [(kind, error)] if error else []
     longer = lambda option: len(option[1][0]) > len(impression)
     picks, distinct = [], len({kind for kind, _ in options})
@@ -356,8 +381,8 @@ def error_impressions(impression: str, rng, n: int = 3, family: str = "eval", co
         picks = _pick(options, n, k, min(n, distinct), longer)
         if picks:
             break
-    if not picks:
-        return None
+    if not picks or abnormal and all(kind in ADDING_KINDS for kind, _ in picks):
+        return None  # only additions: "pick the impression with the fewest findings" would find the true one
     for kind, _ in picks:
         counts[kind] = counts.get(kind, 0) + 1
     counts["longer", k] = counts.get(("longer", k), 0) + 1

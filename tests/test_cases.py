@@ -63,7 +63,7 @@ def positives(text):
 
 def test_error_task_not_solved_by_trivial_heuristics(built):
     error = built["error"]
-    assert len(error) >= 50
+    assert len(error) >= 30
     heuristics = {"shortest": lambda t: -len(t), "longest": len, "fewest findings": lambda t: -positives(t)}
     for name, score in heuristics.items():
         assert CHANCE - 10 <= top1(error, score) <= CHANCE + 10, name
@@ -86,6 +86,20 @@ def test_wrong_impressions_are_in_place_errors(built):
                     (kind, obs, true, wrong)
             if kind == "false_finding" and re.search(r"(?i)\bno acute\b", true):
                 assert len(re.findall(r"(?i)\bno acute\b", wrong)) < len(re.findall(r"(?i)\bno acute\b", true))
+
+
+def test_findings_speak_of_what_each_wrong_impression_changed(built):
+    """Every wrong impression changes something the findings state: the finding it denies is reported there,
+    the side / severity / place / size it changes is given there, the finding it adds is not reported there."""
+    for c in built["error"]:
+        findings, attributes = label_report(c["findings"]), extract_attributes(c["findings"])
+        for wrong, kind, obs in zip(c["wrong"], c["kinds"], c["changed"]):
+            true_has, wrong_has = (label_report(t).get(obs) in (1, -1) for t in (c["impression"], wrong))
+            if true_has != wrong_has:
+                assert (findings.get(obs) in (1, -1)) == true_has, (c["findings"], c["impression"], wrong)
+            else:
+                keys = [k for k, v in extract_attributes(wrong)[obs].items() if v != extract_attributes(c["impression"])[obs][k]]
+                assert any(attributes.get(obs, {}).get(k) for k in keys), (c["findings"], c["impression"], wrong)
 
 
 def test_error_kinds_balanced(built):

@@ -438,8 +438,8 @@ def fake_rules():
         return {"abbreviated": report.text().replace("pneumothorax", "PTX"),
                 "expanded": report.text(), "shuffled": report.impression + " " + report.findings}
 
-    def error_impressions(impression, rng, n=3, family="eval", counts=None):
-        assert family == "eval"
+    def error_impressions(impression, rng, n=3, family="eval", counts=None, findings=None):
+        assert family == "eval" and findings  # only errors the case's findings contradict
         kinds = ["laterality", "severity", "false_negation", "false_finding"][:n]
         return [f"{impression} ({kind} {rng.random():.3f})" for kind in kinds], kinds, ["Pleural Effusion"] * n
 

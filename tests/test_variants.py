@@ -5,10 +5,12 @@ import hashlib
 import random
 import re
 
+import pytest
+
 from phrasings import DEVICE_SENTENCES, NEGATED, POSITIVE, WORDINGS
 from reports import (ABBREVIATIONS, Report, abbreviate, expand_abbreviations, extract_attributes, label_report,
                      normalize_report, rule_family, sentences)
-from variants import ERROR_KINDS, error_impressions, inject_error, make_variants, reword, unseen_edits
+from variants import ERROR_KINDS, contradicted, error_impressions, inject_error, make_variants, reword, unseen_edits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +186,36 @@ def test_error_impressions_by_hand():
         assert kinds[0] == "false_negation" and set(kinds) == {"false_negation", "laterality", "measurement",
                                                                 "severity"} - {overused}
     assert error_impressions("Heart size is normal.", random.Random(0), family="eval") is not None
+
+
+@pytest.mark.parametrize("findings, true, wrong, obs, is_error", [
+    ("The heart is enlarged.", "Cardiomegaly.", "Mild cardiomegaly.", "Cardiomegaly", False),  # silent on degree
+    ("Heart size is mildly enlarged.", "Cardiomegaly.", "Mild cardiomegaly.", "Cardiomegaly", False),  # agrees
+    ("Heart size is severely enlarged.", "Cardiomegaly.", "Mild cardiomegaly.", "Cardiomegaly", True),
+    ("Small left pleural effusion.", "Left pleural effusion.", "Right pleural effusion.", "Pleural Effusion", True),
+    ("Small pleural effusion.", "Left pleural effusion.", "Right pleural effusion.", "Pleural Effusion", False),
+    ("Small left pleural effusion.", "Small left pleural effusion.", "No pleural effusion.", "Pleural Effusion", True),
+    ("The lungs are clear.", "Possible pneumonia.", "No pneumonia.", "Pneumonia", False),  # a reading, not a finding
+    ("The lungs are clear. No pleural effusion.", "No acute disease.", "Right pleural effusion.", "Pleural Effusion",
+     True),
+    ("Small right pleural effusion.", "No acute disease.", "Right pleural effusion.", "Pleural Effusion", False),
+    ("Nodule measures 8 mm.", "8 mm nodule.", "16 mm nodule.", "Lung Lesion", True),
+])
+def test_contradicted_by_hand(findings, true, wrong, obs, is_error):
+    """A wrong impression is an error to find only where its findings say otherwise (judged by hand)."""
+    assert contradicted(findings, true, wrong, obs) is is_error
+
+
+def test_error_impressions_only_what_the_findings_contradict():
+    # 'Cardiomegaly' -> 'Mild ...' / 'Left ...' would be errors of the impression alone; beside findings that
+    # give no degree and no side, only denying the finding is one
+    impression = "Cardiomegaly. Left lower lobe atelectasis."
+    findings = "The heart is enlarged. Patchy opacity at the lung base, likely atelectasis."
+    alone = error_impressions(impression, random.Random(0), n=3, family="train")
+    assert alone and {"severity", "laterality"} & set(alone[1])
+    found = [error_impressions(impression, random.Random(seed), n=1, family=family, findings=findings)
+             for seed in range(5) for family in ("train", "eval")]
+    assert all(f is None or f[1] == ["false_negation"] for f in found) and any(found)
 
 
 def test_inject_error_changes_what_the_labeler_reads(openi_sample):
