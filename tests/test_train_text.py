@@ -172,19 +172,25 @@ def test_stage_paths_in_encoder_json_stay_inside_the_run(tmp_path):
     load_text_encoder(str(tmp_path / "a" / "text"))  # the run itself loads
 
 
+def _lora_encoder():
+    """A tiny random LLM with LoRA on every layer, adapters given values (B = 0 would leave A without
+    gradient), mean-pooled: the same weights in every process."""
+    import model as M
+    llm = build_llm(runtime.load_config(TINY, []).model, 0, "cpu")[0]
+    M.add_lora(llm, M.STAGE1_TARGETS, 4, 8, 0.0)
+    for n, p in llm.named_parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    return llm, M.TextEncoder(llm, "mean")
+
+
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_length_buckets_equal_one_padded_pass(padding_side, openi_sample, smol_tok):
     """embed_in_buckets: the embeddings and the LoRA gradients of a contrastive batch equal those of one
     padded forward pass over the whole batch (padding masked, positions of real tokens only), in the
     batch's row order, while the buckets hold fewer padded tokens."""
     import model as M
-    cfg = runtime.load_config(TINY, [])
-    llm = build_llm(cfg.model, 0, "cpu")[0]
-    M.add_lora(llm, M.STAGE1_TARGETS, 4, 8, 0.0)
-    for n, p in llm.named_parameters():  # B = 0 would leave A without gradient: give every adapter a value
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
-    encoder = M.TextEncoder(llm, "mean")
+    llm, encoder = _lora_encoder()
     batches = data.ContrastiveBatches(openi_sample[:32], smol_tok, pad_id(llm.config), 8, 2, 96,
                                       hard_negative_share=1.0, summarize_share=1.0, padding_side=padding_side,
                                       impression_negatives=3, seed=1)
@@ -208,12 +214,7 @@ def test_length_buckets_equal_one_padded_pass(padding_side, openi_sample, smol_t
 def test_mntp_in_length_buckets_equals_one_padded_pass(openi_sample, smol_tok):
     """mntp_loss_in_buckets: the loss over length buckets is the mean over all masked tokens of one padded
     pass (losses.mntp_loss on the whole batch), and so is its gradient."""
-    import model as M
-    llm = build_llm(runtime.load_config(TINY, []).model, 0, "cpu")[0]
-    M.add_lora(llm, M.STAGE1_TARGETS, 4, 8, 0.0)
-    for n, p in llm.named_parameters():  # B = 0 would leave A without gradient: give every adapter a value
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    llm = _lora_encoder()[0]
 
     def run_with(loss):
         llm.zero_grad()
@@ -228,3 +229,39 @@ def test_mntp_in_length_buckets_equals_one_padded_pass(openi_sample, smol_tok):
     got, grads = run_with(lambda: train_text.mntp_loss_in_buckets(llm, llm.lm_head, b, 3))
     assert abs(got.item() - want.item()) <= 1e-5 * want.item()
     assert all((g - w).abs().max() <= 1e-4 * w.abs().max() + 1e-7 for g, w in zip(grads, want_grads))
+
+
+def _buckets_worker(rank, world, out, parts, buckets):
+    import model as M
+    llm, encoder = _lora_encoder()
+    net = torch.nn.parallel.DistributedDataParallel(encoder)
+    loss = train_text.contrastive_loss(M.embed_in_buckets(net, parts[rank], buckets), parts[rank], 0.05)
+    loss.backward()
+    if rank == 0:
+        torch.save([p.grad for p in llm.parameters() if p.requires_grad], out)
+
+
+def test_length_buckets_under_two_processes_equal_one_padded_pass(tmp_path, openi_sample, smol_tok):
+    """Under DDP, several forward passes (the length buckets) before one backward: the gradients of 2 gloo
+    processes, each embedding its half of a contrastive batch in 3 buckets, equal those of one process
+    running the whole batch in one padded pass."""
+    import gloo
+    import model as M
+    batches = data.ContrastiveBatches(openi_sample[:32], smol_tok, 0, 8, 2, 96, hard_negative_share=1.0,
+                                      summarize_share=1.0, impression_negatives=3, seed=1)
+    rows = batches.rows(0)
+    parts = []
+    for half in (rows[:len(rows) // 2], rows[len(rows) // 2:]):
+        batches.rows = lambda index, half=half: half
+        parts.append(batches[0])
+    del batches.rows
+    whole = batches[0]
+    assert len(whole["input_ids"]) == len(rows)
+    llm, encoder = _lora_encoder()
+    train_text.contrastive_loss(M.embed_in_buckets(encoder, whole, 1), whole, 0.05).backward()
+    want = [p.grad for p in llm.parameters() if p.requires_grad]
+    gloo.spawn(_buckets_worker, 2, str(tmp_path / "grads.pt"), parts, 3)
+    got = torch.load(tmp_path / "grads.pt")
+    assert len(got) == len(want) and all(g is not None for g in got)
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() <= 1e-4 * w.abs().max() + 1e-7
