@@ -287,11 +287,10 @@ def contradicted(findings: str, true: str, wrong: str, obs: str) -> bool:
     present = lambda labels: labels.get(obs) in (1, -1)
     if present(t) != present(w):  # a finding added or denied
         return present(f) == present(t)
-    given = f_attr.get(obs, {})
     for key in ("laterality", "severity", "location", "measurements"):
-        said, new = set(given.get(key, ())), set(w_attr.get(obs, {}).get(key, ())) - set(t_attr.get(obs, {}).get(key, ()))
-        gone = set(t_attr.get(obs, {}).get(key, ())) - set(w_attr.get(obs, {}).get(key, ()))
-        if new or gone:
+        said, t_says, w_says = (set(a.get(obs, {}).get(key, ())) for a in (f_attr, t_attr, w_attr))
+        new, gone = w_says - t_says, t_says - w_says
+        if new or gone:  # the first attribute the edit changed: the findings give it, and not as the edit has it
             return bool(said) and not new & said and bool(new or gone & said)
     return False
 

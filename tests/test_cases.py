@@ -98,7 +98,8 @@ def test_findings_speak_of_what_each_wrong_impression_changed(built):
             if true_has != wrong_has:
                 assert (findings.get(obs) in (1, -1)) == true_has, (c["findings"], c["impression"], wrong)
             else:
-                keys = [k for k, v in extract_attributes(wrong)[obs].items() if v != extract_attributes(c["impression"])[obs][k]]
+                true_attributes = extract_attributes(c["impression"])[obs]
+                keys = [k for k, v in extract_attributes(wrong)[obs].items() if v != true_attributes[k]]
                 assert any(attributes.get(obs, {}).get(k) for k in keys), (c["findings"], c["impression"], wrong)
 
 
