@@ -67,7 +67,6 @@ def build_text_cases(reports, rng, n=None, dropped=None, weights=None):
     case = lambda q, a: {"query": q, "answer": a, "key": normalize_for_match(a)}
     cases = {task: [] for task in CASE_KEYS}
     with_pair = [r for r in reports if r.findings and r.impression]
-    normal = lambda report: not positive_findings(report.impression)
     counts = {}  # kinds (and lengths) of the wrong impressions so far, which error_impressions balances
     error_rng = random.Random(rng.random())  # a stream of their own: the error cases change none of the others
     for report in reports:
@@ -95,13 +94,13 @@ def build_text_cases(reports, rng, n=None, dropped=None, weights=None):
         if report.findings and report.impression:
             cases["summarisation"].append(case(report.findings, report.impression))
     made = {False: 0, True: 0}  # error cases of abnormal | normal impressions; abnormal ones first, which cap the rest
-    for report in sorted(with_pair, key=normal):
-        if normal(report) and made[True] + 1 > NORMAL_SHARE / (1 - NORMAL_SHARE) * made[False]:
+    for normal, report in sorted(((not positive_findings(r.impression), r) for r in with_pair), key=lambda p: p[0]):
+        if normal and made[True] + 1 > NORMAL_SHARE / (1 - NORMAL_SHARE) * made[False]:
             break
         errors = error_impressions(report.impression, error_rng, n=3, family=FAMILY, counts=counts,
                                    findings=report.findings)
         if errors:
-            made[normal(report)] += 1
+            made[normal] += 1
             cases["error"].append({"findings": report.findings, "impression": report.impression,
                                    "wrong": errors[0], "kinds": errors[1], "changed": errors[2]})
     return cases
