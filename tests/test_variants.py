@@ -125,6 +125,20 @@ def _within(wrong, true, tolerance=0.2):
     return abs(len(wrong) - len(true)) <= tolerance * len(true)
 
 
+def test_each_wording_rule_rewrites_real_sentences_and_keeps_their_labels(openi):
+    """Every wording rule matches sentences of the real archive (no dead rule), and on up to 40 of them the
+    labeler reads the rewritten sentence as it reads the sentence ('granuloma -> granulomatous nodule' would
+    add a Lung Lesion to 9 in 10: no clinically equivalent rewrite)."""
+    bodies = sorted({re.sub(r"^[A-Za-z ]+: ", "", s) for r in openi for s in sentences(r.text())})
+    for key, pattern, new in WORDINGS:
+        rule = re.compile(pattern, re.I)
+        hits = [b for b in bodies if rule.search(b)]
+        assert hits, key
+        hits = random.Random(0).sample(hits, min(40, len(hits)))
+        kept = sum(_findings(label_report(rule.sub(new, b, count=1))) == _findings(label_report(b)) for b in hits)
+        assert kept >= 0.95 * len(hits), (key, kept, len(hits))
+
+
 def test_errors_in_place_by_hand():
     effusion = "Small left pleural effusion."
     outputs = lambda text, kind, family: {inject_error(text, kind, random.Random(s), family=family) for s in range(20)}
