@@ -56,8 +56,8 @@ import synthetic
 from encoders import (RAW_ENCODERS, embedding_cache, frozen_embedder, make_text_fn, pad_id, standardized, text_dir_of,
                       text_source, tokenized_text)
 from results import plot_losses, results_table, write_results
-from runtime import (EndlessBatches, all_mean, atomic_write, load_config, rank0_first, save_config, setup,
-                     trainable_state, train_loop, write_text)
+from runtime import (EndlessBatches, all_mean, atomic_write, leave_process_group, load_config, rank0_first,
+                     save_config, setup, trainable_state, train_loop, write_text)
 from weights import load_clip_vision
 
 # openai CLIP's normalisation, for its checkpoints; a gray image takes the channel average (weights.load_clip_vision)
@@ -230,6 +230,7 @@ def main(argv):
             print(f"{skipped} unreadable training images were replaced by other studies")
         print(results_table({k: dict(image_to_text=v["image_to_text"], text_to_image=v["text_to_image"],
                                               chance=v["chance"]) for k, v in results.items()}))
+    leave_process_group(env)
     return model, results
 
 

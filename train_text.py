@@ -35,7 +35,7 @@ from cases import build_text_cases
 from encoders import build_llm, embed_each_once, load_text_encoder, make_embed, pad_id, save_stage
 from reports import idf_weights
 from results import plot_losses
-from runtime import EndlessBatches, load_config, save_config, setup, train_loop, write_text
+from runtime import EndlessBatches, leave_process_group, load_config, save_config, setup, train_loop, write_text
 
 # ---------------------------------------------------------------------------------------------
 # Model
@@ -195,6 +195,7 @@ def main(argv):
         write_text(os.path.join(out, "encoder.json"), json.dumps(spec, indent=2))
         write_text(os.path.join(out, "eval.json"), json.dumps(results, indent=2))
         plot_losses({s: os.path.join(out, s, "log.jsonl") for s in t.stages}, os.path.join(out, "loss.png"))
+    leave_process_group(env)
     return encoder, tokenizer, results
 
 
