@@ -60,6 +60,7 @@ class StageConfig:
     warmup_steps: int = 10         # linear warm-up, then cosine decay to 10% of lr
     weight_decay: float = 0.0
     grad_accum: int = 1            # micro-batches per optimizer step
+    grad_checkpointing: bool = False  # recompute each block in backward in this stage (train.grad_checkpointing: in all)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class TextConfig:
     lora_dropout: float = 0.05
     lora_layers: int = 0           # LoRA on the top N decoder layers only (0: all): the layers below run without
                                    # autograd, so backward stops early and keeps no activations for them
+    contrastive_lora_layers: int = -1  # the same for the contrastive stage alone (-1: as lora_layers)
     mntp: StageConfig = field(default_factory=StageConfig)
     contrastive: StageConfig = field(default_factory=StageConfig)
     mask_prob: float = 0.2         # MNTP: 20% masked (80% mask token, 10% random, 10% kept)
@@ -522,7 +524,8 @@ def stage_key(cfg: Config, stage: "StageConfig") -> str:
 def resume_config(cfg: Config, stage: "StageConfig") -> dict:
     """What a checkpoint must agree with to be resumed, as flat keys: the seed (the data order), what
     shapes the trainable parameters (the model and its adapters; for CLIP, the towers) and the stage's
-    schedule. Its lr may differ: lowering it is how a diverged run goes on from its last good checkpoint."""
+    schedule. Its lr may differ: lowering it is how a diverged run goes on from its last good checkpoint;
+    so may gradient checkpointing, which recomputes the same activations."""
     key = stage_key(cfg, stage)
     if key == "clip.optim":
         shape = {f"clip.{k}": getattr(cfg.clip, k) for k in ("text_encoder", "text_mode", "lora_r", "lora_alpha",
@@ -531,8 +534,9 @@ def resume_config(cfg: Config, stage: "StageConfig") -> dict:
     else:
         shape = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()}
         shape |= {f"text.{k}": getattr(cfg.text, k) for k in ("init", "lora", "lora_r", "lora_alpha", "lora_dropout",
-                                                            "lora_layers")}
-    return {"seed": cfg.seed} | shape | {f"{key}.{k}": v for k, v in dataclasses.asdict(stage).items() if k != "lr"}
+                                                            "lora_layers", "contrastive_lora_layers")}
+    return {"seed": cfg.seed} | shape | {f"{key}.{k}": v for k, v in dataclasses.asdict(stage).items()
+                                         if k not in ("lr", "grad_checkpointing")}  # neither changes what a step computes
 
 
 def check_resume_config(path: str, saved: dict, now: dict):

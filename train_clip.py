@@ -169,13 +169,13 @@ def main(argv):
         text_side, tokenize = functools.partial(cached_text, train_emb), None
     else:
         encoder, tokenizer = load_encoder(env.device)
-        encoder.llm.gradient_checkpointing = cfg.train.grad_checkpointing
+        encoder.llm.gradient_checkpointing = cfg.train.grad_checkpointing or c.optim.grad_checkpointing
         torch.manual_seed(cfg.seed)
         model = M.CLIPModel(build_vision(c, cfg.data.image_size), c.embed_dim, encoder, "lora",
                             lora_r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout)
         text_side = tokenize = functools.partial(tokenized_text, tokenizer, mcfg, pad_id(encoder.llm.config))
         embed, text_stats = None, {}
-    model.vision_model.gradient_checkpointing = cfg.train.grad_checkpointing
+    model.vision_model.gradient_checkpointing = cfg.train.grad_checkpointing or c.optim.grad_checkpointing
     model.to(env.device)
     trainable, total = M.count_parameters(model)
     if env.is_main:

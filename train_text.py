@@ -11,7 +11,7 @@
 3. Contrastive: K clinically equivalent variants of each report (abbreviated, shuffled, impression
    only, ...) are positives, every other report in the batch a negative, plus error-injected hard
    negatives and findings -> impression pairs; supervised contrastive loss at temperature 0.02,
-   with a fresh LoRA and the pooler trained.
+   with a fresh LoRA (on the top text.contrastive_lora_layers layers; -1: as MNTP) and the pooler trained.
 `text.init=runs/x/text` starts from an earlier run's encoder instead of the raw LLM (one MNTP run
 feeding several contrastive ablations, as configs/ablations.py does).
 Before and after training, a short held-out evaluation (acronym and paraphrase retrieval, error
@@ -99,6 +99,9 @@ def check_config(cfg, llm):
     if t.contrastive.batch_size % t.variants_per_report or t.variants_per_report < 2:
         raise ValueError(f"text.contrastive.batch_size ({t.contrastive.batch_size}) must be a multiple of "
                          f"text.variants_per_report ({t.variants_per_report}, at least 2)")
+    if t.lora_layers < 0 or t.contrastive_lora_layers < -1:
+        raise ValueError(f"text.lora_layers must be at least 0 (0: every layer) and text.contrastive_lora_layers at least "
+                         f"-1 (-1: as text.lora_layers), got {t.lora_layers} and {t.contrastive_lora_layers}")
     for key in ("impression_negatives", "length_buckets"):
         if getattr(t, key) < 1:
             raise ValueError(f"text.{key} must be at least 1, got {getattr(t, key)}")
@@ -134,7 +137,6 @@ def main(argv):
     starting.close()
     adapters = []
     check_config(cfg, llm)
-    llm.gradient_checkpointing = cfg.train.grad_checkpointing
     t = cfg.text
     encoder = M.TextEncoder(llm, cfg.model.pooling, cfg.model.num_latents).to(env.device)
     embed = lambda: make_embed(encoder, tokenizer, cfg.model, env.precision)
@@ -152,8 +154,10 @@ def main(argv):
 
     for stage in t.stages:
         run_dir = os.path.join(out, stage)
+        llm.gradient_checkpointing = cfg.train.grad_checkpointing or getattr(t, stage).grad_checkpointing
         if t.lora:
-            M.add_lora(llm, M.STAGE1_TARGETS, t.lora_r, t.lora_alpha, t.lora_dropout, layers=t.lora_layers or None)
+            layers = t.contrastive_lora_layers if stage == "contrastive" and t.contrastive_lora_layers >= 0 else t.lora_layers
+            M.add_lora(llm, M.STAGE1_TARGETS, t.lora_r, t.lora_alpha, t.lora_dropout, layers=layers or None)
         else:
             llm.requires_grad_(True)
         if stage == "mntp":

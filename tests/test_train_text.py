@@ -97,6 +97,35 @@ def test_bad_configs_fail_before_work(tmp_path):
     for key in ("impression_negatives", "length_buckets"):
         with pytest.raises(ValueError, match=f"text.{key} must be at least 1"):
             run(tmp_path, f"text.{key}=0")
+    with pytest.raises(ValueError, match="text.contrastive_lora_layers at least -1"):
+        run(tmp_path, "text.contrastive_lora_layers=-2")
+
+
+def test_grad_checkpointing_of_one_stage(tmp_path, monkeypatch):
+    """text.contrastive.grad_checkpointing recomputes the blocks in the contrastive stage's backward only
+    (counted at torch's checkpoint function, as model.py calls it); train.grad_checkpointing in both."""
+    import model
+    calls, real = [], model.checkpoint
+    monkeypatch.setattr(model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    short = ["text.mntp.steps=2", "text.contrastive.steps=2", "text.eval_reports=0", "text.contrastive.grad_checkpointing=true"]
+    for stages, more, want in (("[mntp]", [], 0), ("[contrastive]", [], 2 * 2), ("[mntp]", ["train.grad_checkpointing=true"], 2 * 2)):
+        calls.clear()
+        run(tmp_path / f"{stages}{len(more)}", *short, f"text.stages={stages}", *more)
+        assert (len(calls) >= want if want else not calls), (stages, more, len(calls))
+
+
+@pytest.mark.parametrize("contrastive_layers, want", [(0, {0, 1}), (-1, {1})])
+def test_each_stage_adapts_its_own_layers(tmp_path, contrastive_layers, want):
+    """text.lora_layers=1 puts MNTP's adapter on the top layer of the two; text.contrastive_lora_layers
+    gives the contrastive stage its own (0: every layer), or with -1 the same as MNTP. Read from the
+    saved adapters' tensor names (PEFT's model.layers.<i>. ...), and every adapted layer was trained:
+    its B matrices, zero at the start, have moved."""
+    run(tmp_path, "text.mntp.steps=2", "text.contrastive.steps=2", "text.eval_reports=0", "text.lora_layers=1",
+        f"text.contrastive_lora_layers={contrastive_layers}")
+    for stage, layers in (("mntp", {1}), ("contrastive", want)):
+        w = load_file(str(tmp_path / "text" / stage / "adapter" / "adapter_model.safetensors"))
+        assert {int(k.split("layers.")[1].split(".")[0]) for k in w} == layers, stage
+        assert all(v.abs().max() > 0 for k, v in w.items() if "lora_B" in k), stage
 
 
 def test_full_fine_tuning_in_bf16_is_refused(tmp_path):
