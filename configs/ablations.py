@@ -38,6 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FROM_MNTP = ["text.stages=[contrastive]", "text.init={mntp}/text"]
 TEXT_RUNS = {"mntp": ["text.stages=[mntp]"],
              "contrastive": FROM_MNTP,
+             "steps75": FROM_MNTP + ["text.contrastive.steps=75"],
+             "top_layers": FROM_MNTP + ["text.contrastive_lora_layers=8", "text.contrastive.steps=90",
+                                        "text.contrastive.grad_checkpointing=false"],
              "no_hard_negatives": FROM_MNTP + ["text.hard_negative_share=0"],
              "no_sentences": FROM_MNTP + ["text.sentence_share=0"],
              "latent_attention": FROM_MNTP + ["model.pooling=latent_attention"],
@@ -45,6 +48,8 @@ TEXT_RUNS = {"mntp": ["text.stages=[mntp]"],
 # table 1: row -> evaluate.py's eval.models entry (a raw model, or one of TEXT_RUNS)
 TEXT_ROWS = {"raw LLM (causal, mean pooling)": "raw", "raw LLM, bidirectional": "raw_bidirectional",
              "+ MNTP": "mntp", "+ MNTP + contrastive (small.yaml)": "contrastive",
+             "... 75 contrastive steps, not 60 (over 10 minutes)": "steps75",
+             "... LoRA on the top 8 layers only (90 steps)": "top_layers",
              "... without hard negatives": "no_hard_negatives",
              "... without rewritten sentences": "no_sentences",
              "... latent-attention pooling": "latent_attention", "... last-token pooling": "last_token"}
