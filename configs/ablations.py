@@ -13,9 +13,9 @@ outputs (a JSON per run) stay in results/ablations/ (--out), which is not commit
 
 1. The text-encoder recipe, on held-out real Open-I test reports (evaluate.py): the raw LLM (causal,
    mean pooling, the paper's baseline), the same bidirectional, + MNTP, + MNTP + contrastive (the
-   small.yaml recipe), and that recipe without hard negatives, without the rewritten sentences, with
-   latent-attention pooling, with last-token pooling. One MNTP run per seed feeds every contrastive run
-   (text.init).
+   small.yaml recipe), and that recipe without hard negatives, without the rewritten sentences, without
+   the findings -> impression pairs, with latent-attention pooling, with last-token pooling. One MNTP
+   run per seed feeds every contrastive run (text.init).
 2. Mixing report styles in CLIP (synthetic radiographs, frozen text tower): (a) 1,000 studies in one
    prose style (mimic) against (b) 2,000 studies, half in that style and half in abbreviation-rich
    hospital shorthand, each with the raw LLM run bidirectionally (raw_bidirectional) and with the
@@ -43,6 +43,7 @@ TEXT_RUNS = {"mntp": ["text.stages=[mntp]"],
                                         "text.contrastive.grad_checkpointing=false"],
              "no_hard_negatives": FROM_MNTP + ["text.hard_negative_share=0"],
              "no_sentences": FROM_MNTP + ["text.sentence_share=0"],
+             "no_summaries": FROM_MNTP + ["text.summarize_share=0"],
              "latent_attention": FROM_MNTP + ["model.pooling=latent_attention"],
              "last_token": FROM_MNTP + ["model.pooling=last_token"]}
 # table 1: row -> evaluate.py's eval.models entry (a raw model, or one of TEXT_RUNS)
@@ -52,6 +53,7 @@ TEXT_ROWS = {"raw LLM (causal, mean pooling)": "raw", "raw LLM, bidirectional": 
              "... LoRA on the top 8 layers only (90 steps)": "top_layers",
              "... without hard negatives": "no_hard_negatives",
              "... without rewritten sentences": "no_sentences",
+             "... without findings -> impression pairs": "no_summaries",
              "... latent-attention pooling": "latent_attention", "... last-token pooling": "last_token"}
 TEXT_METRICS = {"acronym R@1": ("acronym", "R@1"), "paraphrase R@1": ("paraphrase", "R@1"),
                 "summarisation R@1": ("summarisation", "R@1"), "summarisation label R@1": ("summarisation_label", "R@1"),
@@ -251,6 +253,18 @@ def report(found, args, log):
     return "".join(md)
 
 
+def readme_with(text, md, section="ablations", keep_clip=False):
+    """README text with the block between <!-- section:begin --> and <!-- section:end --> replaced by md;
+    keep_clip (a table-1-only sweep) keeps the block's CLIP tables, from CLIP_MARK on."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    if begin not in text or end not in text:
+        sys.exit(f"README.md lacks the {begin} ... {end} markers to write the tables between")
+    head, rest = text.split(begin, 1)
+    block, tail = rest.split(end, 1)
+    kept = CLIP_MARK + block.split(CLIP_MARK, 1)[1] if keep_clip and CLIP_MARK in block else ""
+    return head + begin + "\n" + md + "\n" + kept + end + tail
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 seed, shorter runs (under 30 minutes)")
@@ -259,6 +273,9 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
     p.add_argument("--out", help="default: results/ablations (--quick: results/ablations-quick)")
     p.add_argument("--readme", action="store_true", help="rewrite README's Results tables and docs/ablations.png")
+    p.add_argument("--section", default="ablations",
+                   help="with --readme, the README block to rewrite, between <!-- SECTION:begin --> and "
+                        "<!-- SECTION:end --> (default: ablations, the Results tables; another keeps docs/ablations.png)")
     p.add_argument("--text-only", action="store_true", help="table 1 only (no CLIP runs); --readme keeps tables 2-3")
     p.add_argument("--rows", nargs="+", choices=list(TEXT_ROWS.values()), help="table 1's rows (default: all)")
     args = p.parse_args()
@@ -284,15 +301,13 @@ def main():
     print("\n" + md + f"\nwritten to {out}/: results.md, results.json, ablations.png")
     if args.readme:
         readme = os.path.join(ROOT, "README.md")
-        text = open(readme).read()
-        begin, end = "<!-- ablations:begin -->", "<!-- ablations:end -->"
-        if begin not in text or end not in text:
-            sys.exit(f"README.md lacks the {begin} ... {end} markers to write the tables between")
-        head, rest = text.split(begin, 1)
-        if args.text_only and CLIP_MARK in rest:  # the CLIP tables of an earlier sweep stay
-            end = CLIP_MARK + rest.split(CLIP_MARK, 1)[1].split(end, 1)[0] + end
+        with open(readme) as f:
+            text = readme_with(f.read(), md, args.section, keep_clip=args.text_only)
         with open(readme, "w") as f:
-            f.write(head + begin + "\n" + md + "\n" + end + rest.split("<!-- ablations:end -->", 1)[1])
+            f.write(text)
+        if args.section != "ablations":  # docs/ablations.png shows the Results tables
+            print(f"README.md's {args.section} block updated")
+            return
         os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
         plot(found, os.path.join(ROOT, "docs", "ablations.png"))
         print("README.md and docs/ablations.png updated")

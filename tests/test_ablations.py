@@ -100,3 +100,19 @@ def test_bar_heights_follow_the_means(tmp_path):
     ratio = area("#6baed6") / area("#9e9e9e")  # the chart's first two series colours
     assert 4.0 < ratio < 5.0, ratio
 
+
+
+def test_readme_blocks_are_rewritten_in_place():
+    """--readme rewrites one marked block of README.md: the text around it, another block and (for a
+    table-1-only sweep) the block's CLIP tables stay as they were; a README without the markers is an error."""
+    import pytest
+    readme = ("intro\n<!-- ablations:begin -->\nold table 1\n" + ablations.CLIP_MARK + "\nclip tables\n"
+              "<!-- ablations:end -->\nmiddle\n<!-- ideas:begin -->\nold ideas\n<!-- ideas:end -->\noutro\n")
+    ideas = ablations.readme_with(readme, "new ideas", "ideas", keep_clip=True)
+    assert ideas == readme.replace("old ideas", "new ideas")
+    text_only = ablations.readme_with(readme, "new table 1", keep_clip=True)
+    assert text_only == readme.replace("old table 1", "new table 1")
+    everything = ablations.readme_with(readme, "all tables")
+    assert everything == readme.replace("old table 1\n" + ablations.CLIP_MARK + "\nclip tables", "all tables")
+    with pytest.raises(SystemExit, match="other:begin"):
+        ablations.readme_with(readme, "x", "other")
