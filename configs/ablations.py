@@ -231,7 +231,7 @@ def report(found, args, log):
     minutes = {s: sum(t for run, t in log.items() if f"/seed{s}/" in run + "/") / 60 for s in found}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     flags = (" --quick" if args.quick else "") + (" --text-only" if args.text_only else "") \
-        + (" --rows " + " ".join(args.rows) if args.rows else "")
+        + (" --rows " + " ".join(args.rows) if args.rows else "") + (f" --out {args.out}" if args.out else "")
     md = [f"Produced by `python configs/ablations.py{flags}` on `{args.config}`, "
           f"seeds {', '.join(map(str, found))}, on {machine}; the runs of each seed took "
           f"{', '.join(f'{m:.0f}' for m in minutes.values())} minutes. Mean ± standard deviation over seeds, in %.\n\n",
