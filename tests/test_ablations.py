@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("ablations", os.path.join(ROOT, "configs", "ablations.py"))
 ablations = importlib.util.module_from_spec(spec)
@@ -101,11 +103,9 @@ def test_bar_heights_follow_the_means(tmp_path):
     assert 4.0 < ratio < 5.0, ratio
 
 
-
 def test_readme_blocks_are_rewritten_in_place():
     """--readme rewrites one marked block of README.md: the text around it, another block and (for a
     table-1-only sweep) the block's CLIP tables stay as they were; a README without the markers is an error."""
-    import pytest
     readme = ("intro\n<!-- ablations:begin -->\nold table 1\n" + ablations.CLIP_MARK + "\nclip tables\n"
               "<!-- ablations:end -->\nmiddle\n<!-- ideas:begin -->\nold ideas\n<!-- ideas:end -->\noutro\n")
     ideas = ablations.readme_with(readme, "new ideas", "ideas", keep_clip=True)
