@@ -13,9 +13,9 @@ outputs (a JSON per run) stay in results/ablations/ (--out), which is not commit
 
 1. The text-encoder recipe, on held-out real Open-I test reports (evaluate.py): the raw LLM (causal,
    mean pooling, the paper's baseline), the same bidirectional, + MNTP, + MNTP + contrastive (the
-   small.yaml recipe), and that recipe without hard negatives, without the rewritten sentences, without
-   the findings -> impression pairs, with latent-attention pooling, with last-token pooling. One MNTP
-   run per seed feeds every contrastive run (text.init).
+   small.yaml recipe), and that recipe with error-injected hard negatives, without the rewritten
+   sentences, without the findings -> impression pairs, with latent-attention pooling, with last-token
+   pooling. One MNTP run per seed feeds every contrastive run (text.init).
 2. Mixing report styles in CLIP (synthetic radiographs, frozen text tower): (a) 1,000 studies in one
    prose style (mimic) against (b) 2,000 studies, half in that style and half in abbreviation-rich
    hospital shorthand, each with the raw LLM run bidirectionally (raw_bidirectional) and with the
@@ -41,7 +41,7 @@ TEXT_RUNS = {"mntp": ["text.stages=[mntp]"],
              "steps75": FROM_MNTP + ["text.contrastive.steps=75"],
              "top_layers": FROM_MNTP + ["text.contrastive_lora_layers=8", "text.contrastive.steps=90",
                                         "text.contrastive.grad_checkpointing=false"],
-             "no_hard_negatives": FROM_MNTP + ["text.hard_negative_share=0"],
+             "hard_negatives": FROM_MNTP + ["text.hard_negative_share=1.0"],
              "no_sentences": FROM_MNTP + ["text.sentence_share=0"],
              "no_summaries": FROM_MNTP + ["text.summarize_share=0"],
              "latent_attention": FROM_MNTP + ["model.pooling=latent_attention"],
@@ -51,7 +51,7 @@ TEXT_ROWS = {"raw LLM (causal, mean pooling)": "raw", "raw LLM, bidirectional": 
              "+ MNTP": "mntp", "+ MNTP + contrastive (small.yaml)": "contrastive",
              "... 75 contrastive steps, not 60 (over 10 minutes)": "steps75",
              "... LoRA on the top 8 layers only (90 steps)": "top_layers",
-             "... without hard negatives": "no_hard_negatives",
+             "... with hard negatives of reports and impressions": "hard_negatives",
              "... without rewritten sentences": "no_sentences",
              "... without findings -> impression pairs": "no_summaries",
              "... latent-attention pooling": "latent_attention", "... last-token pooling": "last_token"}
@@ -208,7 +208,7 @@ def bar_chart(panels, path, size=(1100, 420)):
 def plot(found, path):
     seeds = list(found)
     text_rows = {"raw LLM": "raw", "raw, bidirectional": "raw_bidirectional", "+ MNTP": "mntp",
-                 "+ MNTP + contrastive": "contrastive", "... no hard negatives": "no_hard_negatives",
+                 "+ MNTP + contrastive": "contrastive", "... with hard negatives": "hard_negatives",
                  "... no rewritten sentences": "no_sentences"}
     text_rows = {label: entry for label, entry in text_rows.items() if entry in TEXT_ROWS.values()}
     metrics = {"acronym R@1": ("acronym", "R@1"), "paraphrase R@1": ("paraphrase", "R@1"),
