@@ -13,9 +13,9 @@ outputs (a JSON per run) stay in results/ablations/ (--out), which is not commit
 
 1. The text-encoder recipe, on held-out real Open-I test reports (evaluate.py): the raw LLM (causal,
    mean pooling, the paper's baseline), the same bidirectional, + MNTP, + MNTP + contrastive (the
-   small.yaml recipe), and that recipe with error-injected hard negatives, without the rewritten
-   sentences, without the findings -> impression pairs, with latent-attention pooling, with last-token
-   pooling. One MNTP run per seed feeds every contrastive run (text.init).
+   small.yaml recipe), and that recipe with the hard negatives of reports and impressions, without the
+   rewritten sentences, without the findings -> impression pairs, with latent-attention pooling, with
+   last-token pooling. One MNTP run per seed feeds every contrastive run (text.init).
 2. Mixing report styles in CLIP (synthetic radiographs, frozen text tower): (a) 1,000 studies in one
    prose style (mimic) against (b) 2,000 studies, half in that style and half in abbreviation-rich
    hospital shorthand, each with the raw LLM run bidirectionally (raw_bidirectional) and with the
